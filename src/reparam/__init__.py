@@ -1,0 +1,25 @@
+"""reparam: drop-in weight reparameterization modules for PyTorch.
+
+>>> import reparam
+>>> report = reparam.convert(model, {"encoder.*": {"method": "low_rank", "size_ratio": 0.5}}, calib=batches)
+>>> print(report)
+>>> reparam.save(model, "model.safetensors")
+>>> reparam.load(build_model(), "model.safetensors")
+"""
+from .calibration import collect_stats
+from .convert import convert, plan_conversion
+from .core import (ConfigError, Factorizer, LayerStats, MethodConfig, Quantizer, ReparamModule,
+                   get_method, known_methods)
+from .io import converted_modules, load, save
+from .methods.low_rank import LowRankConfig, LowRankLinear
+from .recipe import parse_recipe
+from .report import ConversionReport, LayerReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
+    "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule",
+    "collect_stats", "convert", "converted_modules", "get_method", "known_methods", "load",
+    "parse_recipe", "plan_conversion", "save",
+]

@@ -1,0 +1,84 @@
+"""Method configs: one frozen dataclass per method, checked on construction,
+round-tripping through plain dicts (and so JSON, YAML and safetensors metadata)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+
+class ConfigError(ValueError):
+    """A recipe or config is invalid; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config.
+
+    Subclasses are frozen dataclasses that set ``method`` (the registry name)
+    and check their fields in ``__post_init__`` by raising :class:`ConfigError`.
+    """
+
+    method: ClassVar[str] = ""
+
+    def requires_calibration(self) -> bool:
+        """True when this config cannot be applied without calibration data."""
+        return False
+
+    def uses_calibration(self) -> bool:
+        """True when statistics are used if calibration data is given."""
+        return self.requires_calibration()
+
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        """Raise :class:`ConfigError` if this config cannot apply to a layer of this shape."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
+        values = {k: v for k, v in values.items() if k != "method"}
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {unknown} for method '{cls.method}'; "
+                f"valid keys are {cls.field_names()}"
+            )
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def check_choice(method: str, key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{method}: {key}={value!r} is not one of {list(choices)}")
+
+
+def check_range(method: str, key: str, value: Any, low: float, high: float, *,
+                low_open: bool = False) -> None:
+    """Check ``low <(=) value <= high``; booleans are not numbers here."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{method}: {key}={value!r} must be a number in {bracket}{low}, {high}]")
+
+
+def check_budget(method: str, size_ratio: float | None, explicit: dict[str, Any]) -> None:
+    """Exactly one of ``size_ratio`` or the explicit size fields must be set."""
+    given = [k for k, v in explicit.items() if v is not None]
+    if size_ratio is None and not given:
+        raise ConfigError(f"{method}: set size_ratio (fraction of dense bytes kept) or {list(explicit)}")
+    if size_ratio is not None and given:
+        raise ConfigError(f"{method}: set either size_ratio or {given}, not both")
+    if size_ratio is not None:
+        check_range(method, "size_ratio", size_ratio, 0.0, 1.0, low_open=True)
+    for key in given:
+        value = explicit[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{method}: {key}={value!r} must be a positive integer")

@@ -1,0 +1,95 @@
+"""The contract every compressed-layer wrapper follows."""
+from __future__ import annotations
+
+import abc
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MethodConfig
+from .stats import LayerStats
+
+
+class ReparamModule(nn.Module, abc.ABC):
+    """A drop-in replacement for ``nn.Linear`` whose weight is W = f(θ).
+
+    Subclasses follow ``nn.Linear``'s own shape: ``__init__`` builds an empty
+    skeleton (buffers of the right shapes, no computation), so a saved model
+    can be rebuilt on any device, the meta device included, and then filled by
+    ``load_state_dict``; ``from_linear`` builds the skeleton and fits θ.
+
+    The state dict holds θ exactly as stored (packed bits, sparse values and
+    indices), so its bytes are the real compressed size.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: MethodConfig, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        # The layer's compute dtype; compressed tensors may be stored in other dtypes.
+        self.dtype = dtype or torch.get_default_dtype()
+        self.bias = (nn.Parameter(torch.empty(out_features, device=device, dtype=self.dtype))
+                     if bias else None)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, config: MethodConfig):
+        """The skeleton that ``linear`` would be converted into, with uninitialized θ."""
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, config,
+                   device=linear.weight.device, dtype=linear.weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: MethodConfig, stats: LayerStats | None = None):
+        """Fit θ to ``linear``'s weight (and ``stats``, for data-aware configs).
+
+        Fitting runs in float64 on CPU; θ is stored in the layer's dtype on its device.
+        """
+        module = cls.empty_like(linear, config)
+        with torch.no_grad():
+            module.fit(linear.weight.detach().to("cpu", torch.float64), stats)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module
+
+    @abc.abstractmethod
+    def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
+        """Fill θ from a float64 CPU weight (out, in), in place."""
+
+    @abc.abstractmethod
+    def materialize(self) -> torch.Tensor:
+        """The dense (out, in) weight in the layer's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Reference path; subclasses override it with the compressed one.
+        return F.linear(x, self.materialize(), self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for code that reads ``layer.weight`` (computed, not stored)."""
+        return self.materialize()
+
+    def to_linear(self) -> nn.Linear:
+        """Bake θ back into a plain ``nn.Linear`` (like peft's ``merge_and_unload``)."""
+        weight = self.materialize().detach()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if k != "method")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {fields}")
+
+
+def state_nbytes(module: nn.Module) -> int:
+    """Bytes of everything the module saves: parameters and persistent buffers."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def state_numel(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.state_dict().values())

@@ -1,0 +1,57 @@
+"""Per-layer input statistics that data-aware methods consume."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class LayerStats:
+    """Running statistics of one layer's inputs x (rows of shape (in,)).
+
+    Only sums are kept, never activations, so memory is O(in²) per layer.
+    Everything is float64 on CPU: Gram matrices of long calibration runs lose
+    precision in float32, and every consumer decomposes them in float64.
+    """
+
+    gram: torch.Tensor      # (in, in) float64: Σ xᵀx
+    abs_sum: torch.Tensor   # (in,) float64: Σ |x|
+    count: int = 0          # tokens seen
+
+    @classmethod
+    def empty(cls, in_features: int) -> "LayerStats":
+        return cls(
+            gram=torch.zeros(in_features, in_features, dtype=torch.float64),
+            abs_sum=torch.zeros(in_features, dtype=torch.float64),
+        )
+
+    @classmethod
+    def from_inputs(cls, x: torch.Tensor) -> "LayerStats":
+        """Statistics of a (tokens, in) batch; handy in tests and for single layers."""
+        stats = cls.empty(x.shape[-1])
+        stats.add(x)
+        return stats
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a (tokens, in) batch of inputs."""
+        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.abs_sum.add_(x.abs().sum(0))
+        self.count += x.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """(in,) mean |x_j| per input channel."""
+        return self.abs_sum / max(self.count, 1)
+
+    def output_error(self, weight: torch.Tensor, approx: torch.Tensor) -> float:
+        """Relative output error ‖(W − Ŵ)X‖_F / ‖WX‖_F on the calibration inputs.
+
+        Exact from the Gram matrix alone: ‖AX‖² = tr(A G Aᵀ).
+        """
+        weight = weight.detach().to("cpu", torch.float64)
+        delta = weight - approx.detach().to("cpu", torch.float64)
+        err = ((delta @ self.gram) * delta).sum()
+        ref = ((weight @ self.gram) * weight).sum()
+        return float((err / ref.clamp_min(1e-300)).clamp_min(0).sqrt())

@@ -1,0 +1,69 @@
+"""What ``convert`` changed: per layer and in total."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    name: str
+    method: str
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    output_error: float | None = None  # ‖(W − Ŵ)X‖ / ‖WX‖ on calibration inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    layers: list[LayerReport]
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.layers)
+
+    @property
+    def params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"layers": [dataclasses.asdict(r) for r in self.layers],
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.layers] + [len("total")])
+        head = f"{'layer':<{width}}  {'method':<12} {'params':>17} {'bytes':>21} {'ratio':>6} {'out err':>8}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            lines.append(_row(r.name, r.method, r.params_before, r.params_after,
+                              r.bytes_before, r.bytes_after, r.output_error, width))
+        lines.append("-" * len(head))
+        errors = [r.output_error for r in self.layers if r.output_error is not None]
+        mean_error = sum(errors) / len(errors) if errors else None
+        lines.append(_row("total", f"{len(self.layers)} layers", self.params_before, self.params_after,
+                          self.bytes_before, self.bytes_after, mean_error, width))
+        return "\n".join(lines)
+
+
+def _row(name, method, p0, p1, b0, b1, error, width) -> str:
+    ratio = b1 / b0 if b0 else float("nan")
+    err = f"{error:8.4f}" if error is not None else f"{'-':>8}"
+    return (f"{name:<{width}}  {method:<12} {p0:>8,}→{p1:<8,} {_size(b0):>10}→{_size(b1):<10} "
+            f"{ratio:6.3f} {err}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,48 @@
+"""Module swaps that can be undone exactly: the all-or-nothing part of
+``convert`` and ``load``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .core.registry import Method
+
+
+class ModuleSwaps:
+    """Replace or change submodules of ``model``; if the ``with`` block raises,
+    every swap is undone in reverse order and the model is as it was."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._done: list[tuple[str, nn.Module, nn.Module, Method]] = []
+
+    def __enter__(self) -> "ModuleSwaps":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.undo()
+        self._done.clear()  # release the originals once the swaps are final
+
+    def swap(self, name: str, method: Method, build: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """``build(old)`` returns a new module to put at ``name``, or ``old`` changed in place."""
+        old = self.model.get_submodule(name)
+        new = build(old)
+        if new is not old:
+            _set_submodule(self.model, name, new)
+        self._done.append((name, old, new, method))
+        return new
+
+    def undo(self) -> None:
+        for name, old, new, method in reversed(self._done):
+            if new is old:
+                method.undo(old)
+            else:
+                _set_submodule(self.model, name, old)
+        self._done.clear()
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
