@@ -56,7 +56,7 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     _check_calibration(plan, calib)
     wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
     stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
-    return _swap_all(model, plan, stats, progress=progress)
+    return _swap_all(model, _resolve(plan, stats), stats, progress=progress)
 
 
 def plan_conversion(model: nn.Module, rules: list[Rule], *, strict: bool = True) -> list[Planned]:
@@ -111,6 +111,7 @@ def _check_module(item: Planned) -> None:
     if isinstance(weight, torch.Tensor):
         out_features, in_features = weight.shape[0], weight.reshape(weight.shape[0], -1).shape[1]
         item.config.check_layer(item.name, in_features, out_features)
+        item.config.check_weight(item.name, weight)
         if weight.device.type != "meta" and not torch.isfinite(weight).all():
             raise ValueError(f"layer '{item.name}' has NaN or Inf weights; fix or exclude it "
                              f"(add a rule '{item.name}': None before this one)")
@@ -125,6 +126,18 @@ def _check_calibration(plan: list[Planned], calib: Iterable[Any] | None) -> None
         raise ConfigError(
             f"{len(needy)} layer(s), e.g. '{example.name}' with {example.config}, need calibration "
             f"data; pass calib=<a few batches of model inputs> to convert")
+
+
+def _resolve(plan: list[Planned], stats: dict[str, LayerStats]) -> list[Planned]:
+    """Let each rule's config make its cross-layer decisions (see ``MethodConfig.resolve``)."""
+    by_config: dict[int, list[Planned]] = {}
+    for item in plan:
+        by_config.setdefault(id(item.config), []).append(item)
+    resolved: dict[str, MethodConfig] = {}
+    for items in by_config.values():
+        layers = {p.name: (p.module, stats.get(p.name)) for p in items}
+        resolved.update(items[0].config.resolve(layers))
+    return [dataclasses.replace(p, config=resolved[p.name]) for p in plan]
 
 
 def _swap_all(model: nn.Module, plan: list[Planned], stats: dict[str, LayerStats], *,

@@ -3,7 +3,13 @@ round-tripping through plain dicts (and so JSON, YAML and safetensors metadata).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .stats import LayerStats
 
 
 class ConfigError(ValueError):
@@ -30,6 +36,20 @@ class MethodConfig:
 
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         """Raise :class:`ConfigError` if this config cannot apply to a layer of this shape."""
+
+    def check_weight(self, name: str, weight: torch.Tensor) -> None:
+        """Raise :class:`ConfigError` if this config cannot apply to this weight
+        (called by ``convert`` during validation, before anything changes)."""
+
+    def resolve(self, layers: Mapping[str, tuple[nn.Module, LayerStats | None]]) -> dict[str, "MethodConfig"]:
+        """Per-layer configs for all layers one rule selected, given their statistics.
+
+        Called once per rule, after calibration and before any swap, for
+        decisions that span layers (e.g. allocating bits under an average
+        budget). The configs returned are what each module stores and what
+        ``save`` writes, so ``load`` never needs statistics. Default: this config for all.
+        """
+        return {name: self for name in layers}
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
