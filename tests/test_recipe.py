@@ -1,0 +1,103 @@
+import json
+
+import pytest
+from torch import nn
+
+from reparam import ConfigError, LowRankConfig, parse_recipe, plan_conversion
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(8, 8)
+        self.key = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 4)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(4, 2)
+
+
+LR = {"method": "low_rank", "rank": 2}
+
+
+def planned(recipe, model=None):
+    return {p.name: p.config for p in plan_conversion(model or Net(), parse_recipe(recipe))}
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("head", ["head"]),
+    ("blocks.0.query", ["blocks.0.query"]),
+    ("blocks.*.query", ["blocks.0.query", "blocks.1.query"]),
+    ("blocks.?.key", ["blocks.0.key", "blocks.1.key"]),
+    ("re:blocks\\.1\\.(query|out)", ["blocks.1.query", "blocks.1.out"]),
+    ("Linear", ["blocks.0.query", "blocks.0.key", "blocks.0.out",
+                "blocks.1.query", "blocks.1.key", "blocks.1.out", "head"]),
+    # A glob selects the supported layers under a container, not the container.
+    ("blocks.*", ["blocks.0.query", "blocks.0.key", "blocks.0.out",
+                  "blocks.1.query", "blocks.1.key", "blocks.1.out"]),
+])
+def test_patterns_select_expected_layers(pattern, expected):
+    assert list(planned({pattern: LR})) == expected
+
+
+def test_regex_must_match_whole_name():
+    with pytest.raises(ConfigError, match="matches no module"):
+        planned({"re:query": LR})
+
+
+def test_first_matching_rule_wins_and_none_leaves_alone():
+    plan = planned({"blocks.0.*": None, "blocks.*.out": {"method": "low_rank", "rank": 1}, "Linear": LR})
+    assert list(plan) == ["blocks.1.query", "blocks.1.key", "blocks.1.out", "head"]
+    assert plan["blocks.1.out"].rank == 1 and plan["head"].rank == 2
+
+
+def test_list_form_with_ignore_and_config_objects():
+    recipe = [{"targets": ["Linear"], "ignore": ["head", "re:.*key"], "method": "low_rank", "rank": 3},
+              {"targets": "head", "method": None}]
+    plan = planned(recipe)
+    assert list(plan) == ["blocks.0.query", "blocks.0.out", "blocks.1.query", "blocks.1.out"]
+    assert planned({"head": LowRankConfig(rank=1)})["head"] == LowRankConfig(rank=1)
+
+
+def test_json_and_yaml_files(tmp_path):
+    recipe = {"blocks.*.query": LR, "head": None}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    (tmp_path / "r.yaml").write_text("blocks.*.query:\n  method: low_rank\n  rank: 2\nhead: null\n")
+    assert planned(str(tmp_path / "r.json")) == planned(tmp_path / "r.yaml") == planned(recipe)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_recipe(str(tmp_path / "missing.yaml"))
+    (tmp_path / "r.txt").write_text("{}")
+    with pytest.raises(ConfigError, match="must end in .json, .yaml or .yml"):
+        parse_recipe(tmp_path / "r.txt")
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({}, "the recipe is empty"),
+    ({"head": {"rank": 2}}, "must be a dict with a 'method' key"),
+    ({"head": {"method": "magic"}}, r"unknown method 'magic'; known methods are \[.*'low_rank'"),
+    ({"head": {"method": "low_rank", "rank": 2, "rnak": 3}},
+     r"unknown key\(s\) \['rnak'\] for method 'low_rank'; valid keys are \['size_ratio', 'rank'"),
+    ({"head": {"method": "low_rank", "rank": 0}}, "rank=0 must be a positive integer"),
+    ({"head": {"method": "low_rank"}}, "set size_ratio .* or \\['rank'\\]"),
+    ({"head": {"method": "low_rank", "rank": 2, "size_ratio": 0.5}}, "not both"),
+    ({"head": {"method": "low_rank", "size_ratio": 1.5}}, r"size_ratio=1.5 must be a number in \(0.0, 1.0\]"),
+    ({"head": {"method": "low_rank", "rank": 2, "factorizer": "qr"}}, "factorizer='qr' is not one of"),
+    ({"re:(": LR}, "is not a valid regex"),
+    ([{"method": "low_rank"}], "a list recipe holds rules like"),
+])
+def test_invalid_recipes_name_the_problem(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(recipe)
+
+
+def test_config_json_round_trip():
+    config = LowRankConfig(size_ratio=0.25, factorizer="asvd", asvd_alpha=0.75)
+    assert LowRankConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
