@@ -10,16 +10,19 @@ from .calibration import collect_stats
 from .convert import convert, plan_conversion
 from .core import (ConfigError, Factorizer, LayerStats, MethodConfig, Quantizer, ReparamModule,
                    get_method, known_methods)
+from .fold import fold
 from .io import converted_modules, load, save
+from .methods.compander import CompanderConfig
 from .methods.low_rank import LowRankConfig, LowRankLinear
+from .methods.scale_vector import ScaleVectorConfig
 from .recipe import parse_recipe
 from .report import ConversionReport, LayerReport
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
-    "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule",
-    "collect_stats", "convert", "converted_modules", "get_method", "known_methods", "load",
+    "CompanderConfig", "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
+    "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig",
+    "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
     "parse_recipe", "plan_conversion", "save",
 ]

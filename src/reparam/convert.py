@@ -108,6 +108,9 @@ def _unmatched(rule: Rule, hits: list[str], modules: dict[str, nn.Module], stric
 
 def _check_module(item: Planned) -> None:
     weight = getattr(item.module, "weight", None)
+    if weight is None:
+        raise ConfigError(f"layer '{item.name}' has no weight for '{item.method.name}' to reparameterize; "
+                          "exclude it from the recipe")
     if isinstance(weight, torch.Tensor):
         out_features, in_features = weight.shape[0], weight.reshape(weight.shape[0], -1).shape[1]
         item.config.check_layer(item.name, in_features, out_features)

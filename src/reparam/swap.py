@@ -15,7 +15,7 @@ class ModuleSwaps:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._done: list[tuple[str, nn.Module, nn.Module, Method]] = []
+        self._done: list[tuple[str, nn.Module, nn.Module, Method, dict | None]] = []
 
     def __enter__(self) -> "ModuleSwaps":
         return self
@@ -28,16 +28,24 @@ class ModuleSwaps:
     def swap(self, name: str, method: Method, build: Callable[[nn.Module], nn.Module]) -> nn.Module:
         """``build(old)`` returns a new module to put at ``name``, or ``old`` changed in place."""
         old = self.model.get_submodule(name)
+        # In-place methods (parametrizations) rewrite the module's tensors;
+        # keep them so that undo restores the exact values, not a round trip.
+        saved = {k: v.clone() for k, v in old.state_dict().items()} if method.undo else None
         new = build(old)
         if new is not old:
             _set_submodule(self.model, name, new)
-        self._done.append((name, old, new, method))
+        self._done.append((name, old, new, method, saved))
         return new
 
     def undo(self) -> None:
-        for name, old, new, method in reversed(self._done):
+        for name, old, new, method, saved in reversed(self._done):
             if new is old:
                 method.undo(old)
+                old.load_state_dict(saved)
+                # Removing a parametrization re-registers the tensor last; keep the original order.
+                params = old._parameters
+                old._parameters = {**{k: params[k] for k in saved if k in params},
+                                   **{k: v for k, v in params.items() if k not in saved}}
             else:
                 _set_submodule(self.model, name, old)
         self._done.clear()

@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import reparam
+from reparam import ConfigError
+from reparam.kernels.compander import compander_reference
+from reparam.methods.compander import AUTO_HEADROOM, companders
+from reparam.optim import adaptive_step, param_groups, weight_decay_penalty
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.norm(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def test_conv_net_outputs_unchanged_and_only_weights_parametrized():
+    model = ConvNet().eval()
+    x = torch.randn(4, 1, 8, 8)
+    before = model(x)
+    report = reparam.convert(model, {"Conv2d": {"method": "compander", "a": 1.0}, "fc": {"method": "compander"}},
+                             progress=False)
+    assert [r.name for r in report.layers] == ["conv1", "conv2", "fc"]
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    assert "parametrizations" not in dict(model.norm.named_children())  # norms untouched
+    assert isinstance(model.conv1.bias, nn.Parameter)  # biases untouched
+
+
+def test_minilm_outputs_unchanged_right_after_wrapping(minilm):
+    model = minilm.fresh_model()
+    batch = minilm.heldout[0]
+    before = model(**batch).last_hidden_state
+    reparam.convert(model, {"Linear": {"method": "compander", "learnable": True}}, progress=False)
+    # |w| reaches 7.9 in MiniLM: a="auto" puts it at half the cap, never below 0.5.
+    a = [float(c.a.detach()) for _, c in companders(model)]
+    assert len(a) == 37 and min(a) >= 0.5
+    assert any(x > 0.5 for x in a)
+    torch.testing.assert_close(model(**batch).last_hidden_state, before, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_a_puts_the_largest_weight_at_the_headroom():
+    layer = nn.Linear(16, 16)
+    with torch.no_grad():
+        layer.weight[0, 0] = 7.9
+    reparam.convert(nn.Sequential(layer), {"0": {"method": "compander"}}, progress=False)
+    (_, compander), = companders(layer)
+    assert float(compander.a.detach()) * math.pi / 2 * AUTO_HEADROOM == pytest.approx(7.9, rel=1e-6)
+    small = nn.Linear(16, 16)
+    with torch.no_grad():
+        small.weight.mul_(0.01)
+    reparam.convert(nn.Sequential(small), {"0": {"method": "compander"}}, progress=False)
+    assert float(next(companders(small))[1].a.detach()) == pytest.approx(0.5)  # never below 0.5
+
+
+def test_explicit_a_below_the_weights_is_an_error_naming_the_smallest_a():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight[2, 1] = -2.0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"compander: layer '1' has \|w\| up to 2, at or above the cap "
+                                          r"aπ/2 = 1.571 for a=1.0; use a > 1.273, or a='auto'"):
+        reparam.convert(model, {"Linear": {"method": "compander", "a": 1.0}}, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert type(model[0]) is nn.Linear and not hasattr(model[0], "parametrizations")
+
+
+def test_learnable_a_b_are_positive_parameters_and_receive_gradients():
+    layer = nn.Linear(8, 4)
+    reparam.convert(nn.Sequential(layer), {"0": {"method": "compander", "learnable": True, "a": 2.0}},
+                    progress=False)
+    compander = layer.parametrizations.weight[0]
+    layer(torch.randn(3, 8)).sum().backward()
+    assert compander.log_a.grad is not None and compander.log_b.grad is not None
+    with torch.no_grad():
+        compander.log_a.fill_(-30.0)
+    assert float(compander.a.detach()) > 0
+
+
+def test_weight_decay_rules():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    reparam.convert(model, {"0": {"method": "compander", "a": 2.0},
+                            "1": {"method": "compander", "a": 2.0, "learnable": True}}, progress=False)
+    decay, no_decay = param_groups(model, 0.1)
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    fixed_v = model[0].parametrizations.weight.original
+    learned = model[1].parametrizations.weight
+    assert id(fixed_v) in ids(no_decay) and id(learned.original) in ids(decay)
+    assert {id(learned[0].log_a), id(learned[0].log_b)} <= ids(no_decay)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    # The penalty is on Ψ(v) of the fixed layer only.
+    torch.testing.assert_close(weight_decay_penalty(model, 0.1), 0.05 * model[0].weight.square().sum())
+
+
+def test_adaptive_step_scales_the_step_by_the_slope():
+    layer = nn.Linear(6, 5)
+    reparam.convert(nn.Sequential(layer), {"0": {"method": "compander", "a": 2.0}}, progress=False)
+    v = layer.parametrizations.weight.original
+    compander = layer.parametrizations.weight[0]
+    before = v.detach().clone()
+    layer(torch.randn(4, 6)).square().sum().backward()
+    grad_w = v.grad / compander.slope(before)  # ∂L/∂Ψ
+    optimizer = torch.optim.SGD([v], lr=0.1)
+    adaptive_step(optimizer, layer)
+    # SGD on ∂L/∂Ψ, times Ψ'(v): v ← v − lr·∂L/∂Ψ·Ψ'(v).
+    torch.testing.assert_close(v.detach(), before - 0.1 * grad_w * compander.slope(before))
+
+
+def test_save_load_round_trip_and_fold(tmp_path):
+    model = ConvNet().eval()
+    reparam.convert(model, {"Conv2d": {"method": "compander", "learnable": True}}, progress=False)
+    with torch.no_grad():
+        model.conv1.parametrizations.weight[0].log_a.add_(0.3)  # "trained" a
+    x = torch.randn(2, 1, 8, 8)
+    reparam.save(model, tmp_path / "m.safetensors")
+    fresh = ConvNet().eval()
+    reparam.load(fresh, tmp_path / "m.safetensors")
+    assert torch.equal(fresh(x), model(x))
+    expected = model(x)
+    assert reparam.fold(model) == ["conv1", "conv2"]
+    assert type(model.conv1.weight) is nn.Parameter and not hasattr(model.conv1, "reparam_config")
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_cpu_path_equals_the_kernel_reference():
+    layer = nn.Linear(8, 8)
+    reparam.convert(nn.Sequential(layer), {"0": {"method": "compander", "a": 1.5, "b": 0.7}}, progress=False)
+    c = layer.parametrizations.weight[0]
+    v = layer.parametrizations.weight.original
+    assert torch.equal(layer.weight, compander_reference(v, c.a, c.b))
