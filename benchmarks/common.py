@@ -43,3 +43,13 @@ def write_results(name: str, rows: list[dict], command: str, notes: str = "") ->
     header = "\n".join(f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in context.items())
     (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{header}\n\n{table}\n\n{notes}".rstrip() + "\n")
     return table
+
+
+def interleaved_runs(arms: dict, seeds: int, run) -> dict[str, list]:
+    """``run(arm, seed)`` for every arm and seed, arms interleaved within each
+    seed so that load on a shared machine hits them alike."""
+    results = {name: [] for name in arms}
+    for seed in range(seeds):
+        for name, arm in arms.items():
+            results[name].append(run(arm, seed))
+    return results

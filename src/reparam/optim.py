@@ -16,17 +16,27 @@ from torch import nn
 from .methods.compander import companders
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, ab_lr: float | None = None) -> list[dict]:
     """Optimizer groups: ``weight_decay`` on every parameter except a, b and the
-    v of fixed-(a, b) companders (whose decay is :func:`weight_decay_penalty`)."""
-    no_decay: set[int] = set()
+    v of fixed-(a, b) companders (whose decay is :func:`weight_decay_penalty`).
+
+    a and b get a group of their own, with learning rate ``ab_lr`` if given:
+    their gradients sum over every weight of the layer, so the weights'
+    learning rate is usually far too large for them.
+    """
+    ab: set[int] = set()
+    fixed_v: set[int] = set()
     for module, compander in companders(model):
-        no_decay.update(id(p) for p in compander.parameters())  # a, b when learnable
+        ab.update(id(p) for p in compander.parameters())  # a, b when learnable
         if not isinstance(compander.log_a, nn.Parameter):
-            no_decay.add(id(module.parametrizations.weight.original))
+            fixed_v.add(id(module.parametrizations.weight.original))
     params = list(model.parameters())
-    return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    ab_group = {"params": [p for p in params if id(p) in ab], "weight_decay": 0.0}
+    if ab_lr is not None:
+        ab_group["lr"] = ab_lr
+    return [{"params": [p for p in params if id(p) not in ab | fixed_v], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in fixed_v], "weight_decay": 0.0},
+            ab_group]
 
 
 def weight_decay_penalty(model: nn.Module, weight_decay: float) -> torch.Tensor:

@@ -91,13 +91,13 @@ def test_weight_decay_rules():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     reparam.convert(model, {"0": {"method": "compander", "a": 2.0},
                             "1": {"method": "compander", "a": 2.0, "learnable": True}}, progress=False)
-    decay, no_decay = param_groups(model, 0.1)
+    decay, fixed, ab = param_groups(model, 0.1, ab_lr=1e-3)
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
-    fixed_v = model[0].parametrizations.weight.original
     learned = model[1].parametrizations.weight
-    assert id(fixed_v) in ids(no_decay) and id(learned.original) in ids(decay)
-    assert {id(learned[0].log_a), id(learned[0].log_b)} <= ids(no_decay)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert ids(fixed) == {id(model[0].parametrizations.weight.original)}
+    assert ids(ab) == {id(learned[0].log_a), id(learned[0].log_b)}
+    assert ids(decay) == {id(p) for p in model.parameters()} - ids(fixed) - ids(ab)
+    assert (decay["weight_decay"], fixed["weight_decay"], ab["weight_decay"], ab["lr"]) == (0.1, 0.0, 0.0, 1e-3)
     # The penalty is on Ψ(v) of the fixed layer only.
     torch.testing.assert_close(weight_decay_penalty(model, 0.1), 0.05 * model[0].weight.square().sum())
 
