@@ -7,7 +7,7 @@
 >>> reparam.load(build_model(), "model.safetensors")
 """
 from .calibration import collect_stats
-from .convert import convert, plan_conversion
+from .convert import apply, convert, plan_conversion
 from .core import (ConfigError, Factorizer, LayerStats, MethodConfig, Quantizer, ReparamModule,
                    get_method, known_methods)
 from .fold import fold
@@ -23,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CompanderConfig", "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
     "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig",
-    "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
+    "apply", "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
     "parse_recipe", "plan_conversion", "save",
 ]

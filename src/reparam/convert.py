@@ -12,7 +12,7 @@ from torch import nn
 from .calibration import collect_stats
 from .core.config import ConfigError, MethodConfig
 from .core.module import state_nbytes, state_numel
-from .core.registry import Method, get_method
+from .core.registry import Method, get_method, parse_config
 from .core.stats import LayerStats
 from .progress import progress_bar
 from .recipe import RecipeLike, Rule, parse_recipe
@@ -57,6 +57,25 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
     stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
     return _swap_all(model, _resolve(plan, stats), stats, progress=progress)
+
+
+def apply(module: nn.Module, config: MethodConfig | dict, stats: LayerStats | None = None) -> nn.Module:
+    """Reparameterize one module, with the same checks as :func:`convert`.
+
+    Returns the module itself, parametrized in place (training-time methods),
+    or a new wrapper to use in its place (compression methods).
+
+    Example:
+        >>> layer = reparam.apply(nn.Linear(64, 64), {"method": "compander", "learnable": True})
+    """
+    config = parse_config(config)
+    method = get_method(config.method)
+    if not method.supports(module):
+        raise ConfigError(f"method '{method.name}' supports {method.target_names}, not {type(module).__name__}")
+    if config.requires_calibration() and stats is None:
+        raise ConfigError(f"{config} needs calibration statistics; pass stats=reparam.LayerStats.from_inputs(x)")
+    _check_module(Planned(type(module).__name__, module, method, config))
+    return method.apply(module, config, stats)
 
 
 def plan_conversion(model: nn.Module, rules: list[Rule], *, strict: bool = True) -> list[Planned]:

@@ -138,3 +138,15 @@ def test_cpu_path_equals_the_kernel_reference():
     c = layer.parametrizations.weight[0]
     v = layer.parametrizations.weight.original
     assert torch.equal(layer.weight, compander_reference(v, c.a, c.b))
+
+
+def test_wrapping_one_layer_with_apply():
+    layer = nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    before = layer(x)
+    assert reparam.apply(layer, {"method": "compander", "learnable": True}) is layer
+    torch.testing.assert_close(layer(x), before)
+    assert isinstance(layer.parametrizations.weight[0].log_a, nn.Parameter)
+    with pytest.raises(ConfigError, match=r"method 'compander' supports \['Linear', 'Conv1d', 'Conv2d', 'Conv3d'\], "
+                                          "not LayerNorm"):
+        reparam.apply(nn.LayerNorm(8), {"method": "compander"})
