@@ -56,7 +56,7 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     _check_calibration(plan, calib)
     wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
     stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
-    return _swap_all(model, _resolve(plan, stats), stats, progress=progress)
+    return _swap_all(model, _resolve(plan, stats, progress=progress), stats, progress=progress)
 
 
 def apply(module: nn.Module, config: MethodConfig | dict, stats: LayerStats | None = None) -> nn.Module:
@@ -150,7 +150,7 @@ def _check_calibration(plan: list[Planned], calib: Iterable[Any] | None) -> None
             f"data; pass calib=<a few batches of model inputs> to convert")
 
 
-def _resolve(plan: list[Planned], stats: dict[str, LayerStats]) -> list[Planned]:
+def _resolve(plan: list[Planned], stats: dict[str, LayerStats], *, progress: bool) -> list[Planned]:
     """Let each rule's config make its cross-layer decisions (see ``MethodConfig.resolve``)."""
     by_config: dict[int, list[Planned]] = {}
     for item in plan:
@@ -158,7 +158,7 @@ def _resolve(plan: list[Planned], stats: dict[str, LayerStats]) -> list[Planned]
     resolved: dict[str, MethodConfig] = {}
     for items in by_config.values():
         layers = {p.name: (p.module, stats.get(p.name)) for p in items}
-        resolved.update(items[0].config.resolve(layers))
+        resolved.update(items[0].config.resolve(layers, progress=progress))
     return [dataclasses.replace(p, config=resolved[p.name]) for p in plan]
 
 

@@ -41,7 +41,8 @@ class MethodConfig:
         """Raise :class:`ConfigError` if this config cannot apply to this weight
         (called by ``convert`` during validation, before anything changes)."""
 
-    def resolve(self, layers: Mapping[str, tuple[nn.Module, LayerStats | None]]) -> dict[str, "MethodConfig"]:
+    def resolve(self, layers: Mapping[str, tuple[nn.Module, LayerStats | None]], *,
+                progress: bool = False) -> dict[str, "MethodConfig"]:
         """Per-layer configs for all layers one rule selected, given their statistics.
 
         Called once per rule, after calibration and before any swap, for

@@ -1,30 +1,139 @@
-"""The ``Quantizer`` base: a weight matrix (plus optional calibration
-statistics) in, codes and scales out, and back. Pure functions of float64 CPU
-tensors; modules only store what a quantizer returns."""
+"""The ``Quantizer`` base: group-wise scalar quantization of a weight matrix.
+
+Every row of W (out, in) is split into groups of ``group_size`` columns;
+each (row, group) has a small codebook of 2^bits levels set by a few
+parameters, and every weight is replaced by the index of a level. Subclasses
+say only how a group's parameters are fitted and how the levels follow from
+them, as a linear form in the code's bits:
+
+    level(c) = Σ_i coef_i · bit_i(c) + offset
+
+That one form covers binary coding (coef_i = 2α_i, offset = −Σα_i) and
+affine quantization (coef_i = 2^i·scale, offset = −zero·scale), so both share
+the fitting loops here, the bit-plane storage and the forward kernels.
+
+Two fits, shared by all quantizers:
+
+- round-to-nearest: each group fitted to W, each weight to its nearest level;
+- compensated (GPTQ, Frantar et al. 2023): columns quantized one by one, each
+  column's error pushed onto the columns not yet quantized through the
+  inverse Hessian of the calibration inputs, H = Σ xxᵀ, which minimizes the
+  output error ‖(W − Ŵ)X‖ rather than the weight error. A group's parameters
+  are fitted when the loop reaches it, to the already-compensated weights.
+"""
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+import math
 
 import torch
 
-from .stats import LayerStats
+# Parameters are stored in fp16; fits round them on the spot so that error
+# compensation sees the levels that inference will use.
+PARAM_DTYPE = torch.float16
+DAMP = 0.01  # GPTQ's dampening: 1% of the mean diagonal of H
+BLOCK = 128  # columns per lazy-update block (GPTQ's choice)
 
 
 class Quantizer(abc.ABC):
-    """Turns W (out, in) into a compact code and back.
+    """Group-wise quantizer with ``2^bits`` levels per (row, group)."""
 
-    ``requires_stats`` quantizers minimize the output error ‖(W − Ŵ)X‖ on
-    calibration inputs X rather than the weight error ‖W − Ŵ‖.
-    """
+    params_per_group: int  # P: parameters stored per (row, group)
 
-    name: ClassVar[str]
-    requires_stats: ClassVar[bool] = False
-
-    @abc.abstractmethod
-    def quantize(self, weight: torch.Tensor, stats: LayerStats | None) -> Any:
-        """Codes and scales of a float64 (out, in) weight."""
+    def __init__(self, bits: int, group_size: int):
+        self.bits = bits
+        self.group_size = group_size
 
     @abc.abstractmethod
-    def dequantize(self, state: Any) -> torch.Tensor:
-        """The float64 (out, in) weight that ``state`` represents."""
+    def fit_group(self, weight: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        """Parameters (rows, P) for a float64 group (rows, columns).
+
+        ``importance`` (columns,), when given, weighs each column's error
+        (the Hessian's diagonal in the compensated fit)."""
+
+    @abc.abstractmethod
+    def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coef (bits, ...), offset (...)) of params (..., P): level(c) = Σ_i coef_i·bit_i(c) + offset."""
+
+    def encode(self, params: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Code of the level nearest to each weight (rows, columns), given params (rows, P)."""
+        return nearest(self.levels(params), weight)
+
+    def levels(self, params: torch.Tensor) -> torch.Tensor:
+        """(..., 2^bits) value of every code."""
+        coef, offset = self.linear_form(params)
+        codes = torch.arange(2 ** self.bits, device=params.device)
+        bits = ((codes[:, None] >> torch.arange(self.bits, device=params.device)) & 1).to(params.dtype)
+        return torch.einsum("i...,ci->...c", coef, bits) + offset[..., None]
+
+    def _fit_stored(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fit_group(weight, importance).to(PARAM_DTYPE).to(weight.dtype)
+
+    def num_groups(self, columns: int) -> int:
+        return math.ceil(columns / self.group_size)
+
+    def quantize(self, weight: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (out, in) int64 and fp16-exact params (out, groups, P) of a float64 weight.
+
+        With ``gram`` (Σ xxᵀ of the calibration inputs) the compensated fit,
+        else round-to-nearest.
+        """
+        if gram is None:
+            return self._round_to_nearest(weight)
+        return self._compensated(weight, gram)
+
+    def dequantize(self, codes: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The (out, in) weight that codes and params represent."""
+        columns = codes.shape[1]
+        groups = torch.arange(columns, device=codes.device) // self.group_size
+        levels = self.levels(params.to(torch.float64))  # (out, groups, 2^bits)
+        return levels[:, groups].gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+
+    def _round_to_nearest(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = torch.empty(weight.shape, dtype=torch.int64)
+        params = []
+        for start in range(0, weight.shape[1], self.group_size):
+            group = weight[:, start:start + self.group_size]
+            params.append(self._fit_stored(group))
+            codes[:, start:start + self.group_size] = self.encode(params[-1], group)
+        return codes, torch.stack(params, 1)
+
+    def _compensated(self, weight: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = weight.clone()
+        hessian = gram.to(torch.float64).clone()
+        dead = hessian.diagonal() == 0  # channels never active: any value is free
+        hessian[dead, dead] = 1
+        weight[:, dead] = 0
+        hessian.diagonal().add_(DAMP * hessian.diagonal().mean())
+        # Upper Cholesky factor of H⁻¹: row j holds the update that column j's
+        # error spreads over the columns after it (GPTQ's Cholesky form).
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+        update = torch.linalg.cholesky(inverse, upper=True)
+        importance = update.diagonal().square().reciprocal()
+
+        columns = weight.shape[1]
+        codes = torch.empty(weight.shape, dtype=torch.int64)
+        params = []
+        block = self.group_size * math.ceil(BLOCK / self.group_size)  # whole groups per block
+        for start in range(0, columns, block):
+            end = min(start + block, columns)
+            work = weight[:, start:end].clone()
+            errors = torch.zeros_like(work)
+            for i in range(end - start):
+                col = start + i
+                if col % self.group_size == 0:
+                    width = min(self.group_size, end - col)
+                    params.append(self._fit_stored(work[:, i:i + width], importance[col:col + width]))
+                    levels = self.levels(params[-1])
+                code = self.encode(params[-1], work[:, i:i + 1])[:, 0]
+                codes[:, col] = code
+                error = (work[:, i] - levels.gather(1, code[:, None])[:, 0]) / update[col, col]
+                work[:, i:] -= error[:, None] * update[col, col:end]
+                errors[:, i] = error
+            weight[:, end:] -= errors @ update[start:end, end:]
+        return codes, torch.stack(params, 1)
+
+
+def nearest(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Index of the level (rows, L) nearest to each weight (rows, columns)."""
+    return (weight.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)

@@ -1,0 +1,159 @@
+"""What quantization methods share: the config fields, automatic bit
+allocation across layers, and ``QuantizedLinear``, the layer that stores
+codes as bit-planes plus per-group parameters.
+
+A quantization method is its ``Quantizer`` (how a group is fitted) plus a
+config subclass that builds it; everything else lives here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from .bitpack import to_planes
+from .config import ConfigError, MethodConfig, check_choice, check_range
+from .module import ReparamModule
+from .quantizer import PARAM_DTYPE, Quantizer
+from .stats import LayerStats
+from ..kernels.bitplane import bitplane_linear, decode_weight
+from ..progress import progress_bar
+
+FITS = ("auto", "rtn", "gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedConfig(MethodConfig):
+    """Fields every quantization method has.
+
+    ``bits="auto"`` with ``target_bits``: ``convert`` gives each layer of the
+    rule its own width from ``BITS`` so that the average over the rule's
+    weights stays within ``target_bits``, spending bits where they lower the
+    output error most. ``fit="auto"`` is the compensated (GPTQ) fit when
+    ``convert`` gets calibration data and round-to-nearest when it does not.
+    """
+
+    BITS: ClassVar[tuple[int, ...]]
+    bits: int | str = 4
+    target_bits: float | None = None
+    group_size: int = 128
+    fit: str = "auto"
+
+    def __post_init__(self):
+        if self.bits == "auto":
+            if self.target_bits is None:
+                raise ConfigError(f"{self.method}: bits='auto' needs target_bits, the average bits per weight, "
+                                  f"e.g. target_bits=2.5")
+            check_range(self.method, "target_bits", self.target_bits, min(self.BITS), max(self.BITS))
+        else:
+            check_choice(self.method, "bits", self.bits, self.BITS + ("auto",))
+            if self.target_bits is not None:
+                raise ConfigError(f"{self.method}: target_bits is only used with bits='auto'; "
+                                  f"drop it or set bits='auto'")
+        if not isinstance(self.group_size, int) or self.group_size < 32 or self.group_size % 32:
+            raise ConfigError(f"{self.method}: group_size={self.group_size!r} must be a positive multiple of 32 "
+                              "(whole bytes per group, and the kernel's tile); 128 is the usual choice")
+        check_choice(self.method, "fit", self.fit, FITS)
+
+    def quantizer(self, bits: int | None = None) -> Quantizer:
+        """The quantizer for this config (at ``bits``, default this config's)."""
+        raise NotImplementedError
+
+    def requires_calibration(self) -> bool:
+        return self.fit == "gptq"
+
+    def uses_calibration(self) -> bool:
+        return self.fit != "rtn"
+
+    def resolve(self, layers: Mapping[str, tuple[nn.Module, LayerStats | None]], *,
+                progress: bool = False) -> dict[str, MethodConfig]:
+        if self.bits != "auto":
+            return super().resolve(layers)
+        errors, sizes = {}, {}
+        for name, (module, stats) in progress_bar(layers.items(), desc="allocating bits", total=len(layers),
+                                                   disable=not progress):
+            weight = module.weight.detach().to("cpu", torch.float64)
+            sizes[name] = weight.numel()
+            errors[name] = {bits: _rtn_error(self.quantizer(bits), weight, stats) for bits in self.BITS}
+        chosen = allocate_bits(sizes, errors, self.target_bits)
+        return {name: self.replace(bits=chosen[name], target_bits=None) for name in layers}
+
+
+def _rtn_error(quantizer: Quantizer, weight: torch.Tensor, stats: LayerStats | None) -> float:
+    """Squared relative error of a round-to-nearest fit: output error with statistics, else weight error."""
+    approx = quantizer.dequantize(*quantizer.quantize(weight))
+    if stats is not None:
+        return stats.output_error(weight, approx) ** 2
+    return float((weight - approx).square().sum() / weight.square().sum().clamp_min(1e-300))
+
+
+def allocate_bits(sizes: Mapping[str, int], errors: Mapping[str, Mapping[int, float]],
+                  target_bits: float) -> dict[str, int]:
+    """Bits per layer with Σ sizes·bits ≤ target_bits·Σ sizes, greedily minimizing Σ errors.
+
+    Every layer starts at the fewest bits; the step taken next is the one
+    that removes the most error per extra bit spent, among the steps that
+    still fit the budget.
+    """
+    widths = sorted(next(iter(errors.values())))
+    chosen = {name: widths[0] for name in sizes}
+    budget = target_bits * sum(sizes.values()) - widths[0] * sum(sizes.values())
+    while True:
+        best, best_gain = None, -1.0
+        for name, bits in chosen.items():
+            if bits == widths[-1]:
+                continue
+            step = widths[widths.index(bits) + 1]
+            cost = sizes[name] * (step - bits)
+            gain = (errors[name][bits] - errors[name][step]) / cost
+            if cost <= budget and gain > best_gain:
+                best, best_gain = (name, step, cost), gain
+        if best is None:
+            return chosen
+        name, step, cost = best
+        chosen[name] = step
+        budget -= cost
+
+
+class QuantizedLinear(ReparamModule):
+    """``nn.Linear`` with W stored as ``bits`` bit-planes and per-group parameters.
+
+    State: ``planes`` (bits, out, padded_in/8) uint8, rows padded with zero
+    bits to whole groups, and ``params`` (out, groups, P) fp16; the bias is
+    kept as it was. The forward never builds W on CPU at small batch, nor on
+    CUDA (see ``reparam.kernels.bitplane``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantizedConfig, *,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, config, device=device, dtype=dtype)
+        if not isinstance(config.bits, int):
+            raise ConfigError(f"{config.method}: bits='auto' is resolved per layer by reparam.convert; "
+                              "give this layer an integer bits")
+        self.quantizer = config.quantizer()
+        groups = self.quantizer.num_groups(in_features)
+        self.padded_in_features = groups * config.group_size
+        self.register_buffer("planes", torch.zeros(config.bits, out_features, self.padded_in_features // 8,
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("params", torch.zeros(out_features, groups, self.quantizer.params_per_group,
+                                                   dtype=PARAM_DTYPE, device=device))
+
+    def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
+        gram = stats.gram if stats is not None and self.config.fit != "rtn" else None
+        codes, params = self.quantizer.quantize(weight, gram)
+        codes = nn.functional.pad(codes, (0, self.padded_in_features - self.in_features))
+        self.planes.copy_(to_planes(codes, self.config.bits))
+        self.params.copy_(params)
+
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coef (bits, out, groups), offset (out, groups)) in float32; see ``kernels.bitplane``."""
+        return self.quantizer.linear_form(self.params.float())
+
+    def materialize(self) -> torch.Tensor:
+        weight = decode_weight(self.planes, *self.linear_form(), self.config.group_size, torch.float32)
+        return weight[:, :self.in_features].to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bitplane_linear(x, self.planes, *self.linear_form(), self.config.group_size, self.bias)

@@ -1,0 +1,148 @@
+"""Shift-add: multiplication-free binary-coded quantization (ShiftAddLLM,
+You et al., NeurIPS 2024).
+
+Each (row, group of ``group_size`` columns) is W ≈ Σ_{i<q} α_i·B_i with
+bit-planes B_i ∈ {−1, +1} and scales α_i. With ``scale="pow2"`` every α is a
+sum of ``pow2_terms`` signed powers of two, so activation × scale is shifts
+and adds, and B_i × activations are table lookups and adds (LUT-GEMM).
+
+The group fit: a greedy start (B_i = sign(r), α_i = mean|r| of the residual
+r), then alternating rounds of α by least squares given B and the best code
+for every weight given α. Under the compensated (GPTQ) fit, inherited from
+the ``Quantizer`` base, the least squares weigh each column by the Hessian's
+diagonal, and the codes are re-chosen column by column as errors are pushed
+forward: ShiftAddLLM's output-error objective.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ..core.config import ConfigError, check_choice
+from ..core.quantized import QuantizedConfig, QuantizedLinear
+from ..core.quantizer import Quantizer, nearest
+from ..core.registry import register_wrapper
+
+ALS_ROUNDS = 15  # alternating rounds; at 4 bits fidelity stops improving after about 15
+FP16_SPAN = 10  # fp16 holds 11 significant bits: terms more than 10 octaves below the first are dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftAddConfig(QuantizedConfig):
+    """``bits`` 2, 3, 4 or "auto" (with ``target_bits``); ``scale`` "pow2" or "float"."""
+
+    method: ClassVar[str] = "shift_add"
+    BITS: ClassVar[tuple[int, ...]] = (2, 3, 4)
+    bits: int | str = 3
+    scale: str = "pow2"
+    pow2_terms: int = 3  # ShiftAddLLM's reference code uses 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(self.method, "scale", self.scale, ("pow2", "float"))
+        if not isinstance(self.pow2_terms, int) or not 1 <= self.pow2_terms <= 4:
+            raise ConfigError(f"{self.method}: pow2_terms={self.pow2_terms!r} must be an integer in [1, 4]")
+
+    def quantizer(self, bits: int | None = None) -> Quantizer:
+        return BinaryCoding(bits or self.bits, self.group_size,
+                            pow2_terms=self.pow2_terms if self.scale == "pow2" else None)
+
+
+class BinaryCoding(Quantizer):
+    """W ≈ Σ_i α_i·B_i per (row, group); params are the α_i, P = bits."""
+
+    def __init__(self, bits: int, group_size: int, pow2_terms: int | None):
+        super().__init__(bits, group_size)
+        self.params_per_group = bits
+        self.pow2_terms = pow2_terms
+
+    def fit_group(self, weight: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+        # Alternating least squares from two starts, keeping the better per
+        # row: the greedy residual start suits peaked groups, an evenly spaced
+        # grid (α_i = 2^i·δ) suits flat ones; at 4 bits the grid wins often.
+        code_signs = self._code_signs(weight.dtype)  # (2^q, q)
+        best_alpha, best_error = None, None
+        for signs in (self._greedy_signs(weight), code_signs[nearest(self._grid_levels(weight), weight)]):
+            alpha = self._least_squares(weight, signs, importance)
+            for _ in range(ALS_ROUNDS):
+                signs = code_signs[nearest(alpha @ code_signs.T, weight)]  # (rows, cols, q)
+                alpha = self._least_squares(weight, signs, importance)
+            error = self._error(weight, alpha, code_signs, importance)
+            if best_alpha is None:
+                best_alpha, best_error = alpha, error
+            else:
+                better = error < best_error
+                best_alpha = torch.where(better[:, None], alpha, best_alpha)
+                best_error = torch.minimum(error, best_error)
+        return pow2_round(best_alpha, self.pow2_terms) if self.pow2_terms else best_alpha
+
+    def _greedy_signs(self, weight: torch.Tensor) -> torch.Tensor:
+        """B_i = sign of the residual left by planes 0..i−1, their scales refitted
+        by least squares after each plane (a plain mean|r| can leave a residual
+        whose sign repeats an earlier plane, and the fit then never separates them)."""
+        signs = torch.empty(*weight.shape, self.bits, dtype=weight.dtype)
+        residual = weight
+        for i in range(self.bits):
+            signs[..., i] = torch.where(residual >= 0, 1.0, -1.0)
+            alpha = self._least_squares(weight, signs[..., :i + 1], None)
+            residual = weight - (signs[..., :i + 1] * alpha[:, None, :]).sum(-1)
+        return signs
+
+    def _grid_levels(self, weight: torch.Tensor) -> torch.Tensor:
+        """Levels ±δ, ±3δ, …, ±(2^q − 1)δ (α_i = 2^i·δ), the outermost at the group's max |w|."""
+        step = weight.abs().amax(1, keepdim=True) / (2 ** self.bits - 1)
+        return (step * 2.0 ** torch.arange(self.bits, dtype=weight.dtype)) @ self._code_signs(weight.dtype).T
+
+    def _code_signs(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = torch.arange(2 ** self.bits)[:, None] >> torch.arange(self.bits)
+        return ((codes & 1) * 2 - 1).to(dtype)
+
+    @staticmethod
+    def _error(weight, alpha, code_signs, importance):
+        levels = alpha @ code_signs.T
+        approx = levels.gather(1, nearest(levels, weight))
+        squared = (weight - approx).square()
+        return (squared if importance is None else squared * importance).sum(1)
+
+    @staticmethod
+    def _least_squares(weight, signs, importance):
+        weighted = signs if importance is None else signs * importance[None, :, None]
+        gram = weighted.transpose(1, 2) @ signs  # (rows, q, q)
+        rhs = (weighted.transpose(1, 2) @ weight.unsqueeze(-1)).squeeze(-1)
+        # A tiny ridge keeps the solve defined when two planes coincide (e.g. a constant row).
+        ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        gram = gram + ridge[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
+        return torch.linalg.solve(gram, rhs)
+
+    def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Σ α_i·(2·bit_i − 1) = Σ 2α_i·bit_i − Σ α_i
+        return 2 * params.movedim(-1, 0), -params.sum(-1)
+
+
+def pow2_round(values: torch.Tensor, terms: int) -> torch.Tensor:
+    """Each value as a sum of ``terms`` signed powers of two, found greedily
+    from the residual (nearest power of two in linear terms at each step).
+
+    Terms more than ``FP16_SPAN`` octaves below the first are dropped, so the
+    result is exact in fp16, as stored.
+    """
+    result = torch.zeros_like(values)
+    residual = values.clone()
+    lead = None
+    for _ in range(terms):
+        magnitude = residual.abs()
+        exponent = torch.floor(torch.log2(magnitude.clamp_min(2.0 ** -24)))
+        exponent += (magnitude > 1.5 * torch.exp2(exponent)).to(exponent.dtype)
+        lead = exponent if lead is None else lead
+        keep = (magnitude > 0) & (exponent >= lead - FP16_SPAN) & (exponent >= -24)
+        term = torch.where(keep, torch.sign(residual) * torch.exp2(exponent), 0.0)
+        result += term
+        residual -= term
+    return result
+
+
+@register_wrapper(ShiftAddConfig)
+class ShiftAddLinear(QuantizedLinear):
+    """``nn.Linear`` with W = Σ α_i·B_i per group: ``bits`` packed ±1 planes and fp16 α."""

@@ -1,0 +1,75 @@
+"""The bit-plane forward paths (Triton under TRITON_INTERPRET=1, the CPU
+LUT) against the torch reference that defines them."""
+import pytest
+import torch
+
+from reparam.core.bitpack import from_planes, to_planes
+from reparam.kernels.bitplane import (bitplane_linear, bitplane_lut, bitplane_reference, bitplane_triton,
+                                      decode_weight)
+
+
+def random_layer(out_features, in_features, bits, group_size):
+    groups = -(-in_features // group_size)
+    codes = torch.randint(0, 2 ** bits, (out_features, groups * group_size))
+    codes[:, in_features:] = 0  # padding columns, as stored
+    coef = torch.randn(bits, out_features, groups) * 0.1
+    offset = torch.randn(out_features, groups) * 0.1
+    return to_planes(codes, bits), coef, offset, torch.randn(out_features)
+
+
+def test_decode_follows_the_linear_form():
+    planes, coef, offset, _ = random_layer(5, 64, 3, 32)
+    weight = decode_weight(planes, coef, offset, 32, torch.float64)
+    codes = from_planes(planes, 64)
+    for o, j in [(0, 0), (4, 63), (2, 31), (3, 32)]:
+        bits = [(int(codes[o, j]) >> i) & 1 for i in range(3)]
+        expected = sum(float(coef[i, o, j // 32]) * bits[i] for i in range(3)) + float(offset[o, j // 32])
+        assert float(weight[o, j]) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("tokens, out_features, in_features, bits, group_size",
+                         [(1, 40, 64, 3, 32), (5, 33, 100, 2, 32), (17, 64, 128, 4, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_matches_reference(tokens, out_features, in_features, bits, group_size, bias):
+    planes, coef, offset, b = random_layer(out_features, in_features, bits, group_size)
+    x = torch.randn(tokens, in_features)
+    b = b if bias else None
+    torch.testing.assert_close(bitplane_triton(x, planes, coef, offset, group_size, b),
+                               bitplane_reference(x, planes, coef, offset, group_size, b), rtol=1e-4, atol=1e-4)
+
+
+def test_triton_in_half_precision_and_batched_shapes():
+    planes, coef, offset, b = random_layer(48, 96, 3, 32)
+    x = torch.randn(2, 3, 96).half()
+    expected = bitplane_reference(x.float(), planes, coef, offset, 32, b).half()
+    result = bitplane_triton(x, planes, coef, offset, 32, b.half())
+    assert result.shape == (2, 3, 48) and result.dtype == torch.float16
+    torch.testing.assert_close(result, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_lut_matches_reference(tokens, dtype, tol):
+    planes, coef, offset, b = random_layer(70, 200, 3, 64)  # 200 columns: a padded last group
+    x = torch.randn(tokens, 200)
+    expected = bitplane_reference(x, planes, coef, offset, 64, b)
+    result = bitplane_lut(x.to(dtype), planes, coef, offset, 64, b.to(dtype))
+    assert result.dtype == dtype
+    torch.testing.assert_close(result.float(), expected, rtol=tol, atol=tol)
+
+
+def test_lut_in_chunks_matches_reference(monkeypatch):
+    import reparam.kernels.bitplane as kernel
+    monkeypatch.setattr(kernel, "_LUT_CHUNK", 100)  # forces one row per step
+    planes, coef, offset, b = random_layer(9, 64, 2, 32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(bitplane_lut(x, planes, coef, offset, 32, b),
+                               bitplane_reference(x, planes, coef, offset, 32, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 64])  # both CPU paths
+def test_dispatch_on_cpu_matches_reference(tokens):
+    planes, coef, offset, b = random_layer(16, 64, 3, 32)
+    x = torch.randn(tokens, 64)
+    torch.testing.assert_close(bitplane_linear(x, planes, coef, offset, 32, b),
+                               bitplane_reference(x, planes, coef, offset, 32, b), rtol=1e-5, atol=1e-5)

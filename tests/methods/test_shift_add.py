@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch import nn
+
+import reparam
+from reparam import LayerStats, ShiftAddConfig, ShiftAddLinear
+from reparam.core import state_nbytes
+from reparam.core.quantized import allocate_bits
+from reparam.methods.shift_add import BinaryCoding, pow2_round
+
+
+def relative_error(approx, weight):
+    approx, weight = approx.detach().double(), weight.detach().double()
+    return float((approx - weight).norm() / weight.norm())
+
+
+def correlated_inputs(tokens, features):
+    mix = torch.randn(features, features) * torch.logspace(0, -2, features)
+    return torch.randn(tokens, features) @ mix
+
+
+@pytest.mark.parametrize("pow2_terms", [None, 3])
+def test_binary_coding_is_exact_when_bits_suffice(pow2_terms):
+    # Each row of each group is Σ α_i·B_i with α = (0.75, 0.25, 0.0625)·2^k: sums of
+    # powers of two, so exactly representable with either kind of scale.
+    rows, columns = 6, 64
+    alpha = torch.tensor([0.75, 0.25, 0.0625], dtype=torch.float64) * 2.0 ** torch.arange(rows)[:, None, None]
+    signs = torch.randint(0, 2, (rows, 2, 32, 3)).double() * 2 - 1  # (rows, groups, columns, q)
+    weight = (signs * alpha[:, :, None, :].expand(rows, 2, 1, 3)).sum(-1).reshape(rows, columns)
+    quantizer = BinaryCoding(3, 32, pow2_terms)
+    codes, params = quantizer.quantize(weight)
+    torch.testing.assert_close(quantizer.dequantize(codes, params), weight, rtol=0, atol=1e-12)
+
+
+def test_pow2_rounding():
+    values = torch.randn(1000, dtype=torch.float64) * 10.0 ** torch.randint(-3, 2, (1000,))
+    for terms in (1, 2, 3):
+        rounded = pow2_round(values, terms)
+        # The greedy step leaves at most a third of the residual, so |v − r| ≤ |v|/3^terms.
+        assert ((values - rounded).abs() <= values.abs() / 3 ** terms + 1e-15).all()
+        assert torch.equal(rounded.half().double(), rounded)  # exact in fp16, as stored
+    exact = torch.tensor([0.75, -0.3125, 2.0 ** -9 + 2.0 ** -12, 6.0], dtype=torch.float64)
+    assert torch.equal(pow2_round(exact, 3), exact)
+    assert pow2_round(torch.tensor([0.7], dtype=torch.float64), 1).item() == 0.5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_compensated_fit_lowers_the_output_error(bits):
+    linear = nn.Linear(256, 64)
+    stats = LayerStats.from_inputs(correlated_inputs(2000, 256))
+    errors = {fit: stats.output_error(linear.weight, reparam.apply(
+        linear, ShiftAddConfig(bits=bits, fit=fit), stats).weight) for fit in ("rtn", "gptq")}
+    assert errors["gptq"] < 0.8 * errors["rtn"]
+
+
+def test_three_bits_take_at_most_3_4_bits_per_weight():
+    layer = ShiftAddLinear.empty_like(nn.Linear(384, 384, bias=False), ShiftAddConfig(bits=3))
+    assert state_nbytes(layer) * 8 / (384 * 384) == 3.375  # 3 planes + three fp16 α per 128 weights
+
+
+def test_columns_not_divisible_by_the_group_are_padded():
+    linear = nn.Linear(100, 24)
+    layer = reparam.apply(linear, ShiftAddConfig(bits=4, group_size=64, fit="rtn"))
+    assert layer.planes.shape == (4, 24, 16) and layer.params.shape == (24, 2, 4)
+    x = torch.randn(3, 100)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert relative_error(layer.weight, linear.weight) < 0.1
+
+
+def test_allocation_spends_bits_where_they_remove_the_most_error():
+    sizes = {"a": 100, "b": 100, "c": 200}
+    errors = {"a": {2: 1.0, 3: 0.2, 4: 0.1}, "b": {2: 0.3, 3: 0.25, 4: 0.2}, "c": {2: 0.9, 3: 0.3, 4: 0.1}}
+    chosen = allocate_bits(sizes, errors, target_bits=2.75)  # budget: 300 extra bit·weights
+    assert chosen == {"a": 3, "b": 2, "c": 3}
+    assert sum(sizes[n] * b for n, b in chosen.items()) <= 2.75 * 400
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"bits": 5}, "shift_add: bits=5 is not one of [2, 3, 4, 'auto']"),
+    ({"bits": "auto"}, "shift_add: bits='auto' needs target_bits, the average bits per weight, e.g. target_bits=2.5"),
+    ({"bits": 3, "target_bits": 2.5}, "shift_add: target_bits is only used with bits='auto'; drop it or set bits='auto'"),
+    ({"group_size": 100}, "shift_add: group_size=100 must be a positive multiple of 32 (whole bytes per group, "
+                          "and the kernel's tile); 128 is the usual choice"),
+    ({"scale": "int"}, "shift_add: scale='int' is not one of ['pow2', 'float']"),
+])
+def test_config_errors(values, message):
+    with pytest.raises(reparam.ConfigError) as err:
+        ShiftAddConfig(**values)
+    assert str(err.value) == message
+
+
+def test_gptq_without_calibration_is_refused():
+    model = nn.Sequential(nn.Linear(64, 64))
+    with pytest.raises(reparam.ConfigError, match="need calibration data; pass calib="):
+        reparam.convert(model, {"0": {"method": "shift_add", "fit": "gptq"}}, progress=False)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 32))
+    calib = [torch.randn(16, 96) for _ in range(4)]
+    recipe = {"0": {"method": "shift_add", "bits": 2}, "2": {"method": "affine", "bits": 4, "symmetric": True}}
+    reparam.convert(model, recipe, calib=calib, progress=False)
+    path = tmp_path / "model.safetensors"
+    reparam.save(model, path)
+    fresh = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 32))
+    reparam.load(fresh, path)
+    x = torch.randn(5, 96)
+    assert torch.equal(fresh(x), model(x))
+    assert fresh[0].config == model[0].config and fresh[0].planes.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers(dtype):
+    linear = nn.Linear(128, 32).to(dtype)
+    layer = reparam.apply(linear, ShiftAddConfig(bits=4, fit="rtn"))
+    x = torch.randn(4, 128, dtype=dtype)
+    assert layer(x).dtype == dtype and layer.weight.dtype == dtype
+    assert relative_error(layer.weight, linear.weight) < 0.1
+
+
+def test_on_minilm_shift_add_beats_affine_and_auto_bits_beat_two_bits(minilm):
+    fidelity, average = {}, None
+    for label, config in [("shift_add 3", {"method": "shift_add", "bits": 3}),
+                          ("affine 3", {"method": "affine", "bits": 3})]:
+        model = minilm.fresh_model()
+        reparam.convert(model, {minilm.layers: config}, calib=minilm.calib, progress=False)
+        fidelity[label] = minilm.fidelity(model)
+    # Bit allocation on the first two blocks (12 layers) keeps the test short.
+    layers = "re:encoder\\.layer\\.[01]\\..*"
+    for label, config in [("2 bits", {"method": "shift_add", "bits": 2}),
+                          ("auto 2.5", {"method": "shift_add", "bits": "auto", "target_bits": 2.5})]:
+        model = minilm.fresh_model()
+        reparam.convert(model, {layers: config}, calib=minilm.calib, progress=False)
+        fidelity[label] = minilm.fidelity(model)
+        converted = [m for m in model.modules() if isinstance(m, ShiftAddLinear)]
+        sizes = [m.in_features * m.out_features for m in converted]
+        average = sum(s * m.config.bits for s, m in zip(sizes, converted)) / sum(sizes)
+    assert fidelity["shift_add 3"] >= 0.95
+    assert fidelity["shift_add 3"] > fidelity["affine 3"]
+    assert abs(average - 2.5) <= 0.05
+    assert fidelity["auto 2.5"] > fidelity["2 bits"]
