@@ -3,9 +3,8 @@ LUT) against the torch reference that defines them."""
 import pytest
 import torch
 
-from reparam.core.bitpack import from_planes, to_planes
 from reparam.kernels.bitplane import (bitplane_linear, bitplane_lut, bitplane_reference, bitplane_triton,
-                                      decode_weight)
+                                      codes_from_planes, decode_weight, planes_from_codes)
 
 
 def random_layer(out_features, in_features, bits, group_size):
@@ -14,13 +13,13 @@ def random_layer(out_features, in_features, bits, group_size):
     codes[:, in_features:] = 0  # padding columns, as stored
     coef = torch.randn(bits, out_features, groups) * 0.1
     offset = torch.randn(out_features, groups) * 0.1
-    return to_planes(codes, bits), coef, offset, torch.randn(out_features)
+    return planes_from_codes(codes, bits), coef, offset, torch.randn(out_features)
 
 
 def test_decode_follows_the_linear_form():
     planes, coef, offset, _ = random_layer(5, 64, 3, 32)
     weight = decode_weight(planes, coef, offset, 32, torch.float64)
-    codes = from_planes(planes, 64)
+    codes = codes_from_planes(planes)
     for o, j in [(0, 0), (4, 63), (2, 31), (3, 32)]:
         bits = [(int(codes[o, j]) >> i) & 1 for i in range(3)]
         expected = sum(float(coef[i, o, j // 32]) * bits[i] for i in range(3)) + float(offset[o, j // 32])
@@ -60,7 +59,7 @@ def test_lut_matches_reference(tokens, dtype, tol):
 
 def test_lut_in_chunks_matches_reference(monkeypatch):
     import reparam.kernels.bitplane as kernel
-    monkeypatch.setattr(kernel, "_LUT_CHUNK", 100)  # forces one row per step
+    monkeypatch.setattr(kernel, "_LUT_CHUNK", 8)  # one output row per step
     planes, coef, offset, b = random_layer(9, 64, 2, 32)
     x = torch.randn(2, 64)
     torch.testing.assert_close(bitplane_lut(x, planes, coef, offset, 32, b),

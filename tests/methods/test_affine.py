@@ -37,7 +37,7 @@ def test_gptq_lowers_the_output_error():
 def test_round_to_nearest_errs_by_about_half_a_step():
     linear = nn.Linear(256, 64)
     layer = reparam.apply(linear, AffineConfig(bits=8, fit="rtn"))
-    assert layer.planes.shape == (8, 64, 32)
+    assert layer.planes.shape == (8, 32, 64)
     step = layer.params[..., 0].float().repeat_interleave(128, dim=1)  # (out, in) scale of each weight
     # Half a step, plus what rounding the scale to fp16 (2^-11 relative) moves the outermost of 255 levels.
     assert ((layer.weight - linear.weight).abs() <= (0.5 + 255 * 2 ** -11) * step).all()

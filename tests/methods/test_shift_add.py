@@ -61,7 +61,7 @@ def test_three_bits_take_at_most_3_4_bits_per_weight():
 def test_columns_not_divisible_by_the_group_are_padded():
     linear = nn.Linear(100, 24)
     layer = reparam.apply(linear, ShiftAddConfig(bits=4, group_size=64, fit="rtn"))
-    assert layer.planes.shape == (4, 24, 16) and layer.params.shape == (24, 2, 4)
+    assert layer.planes.shape == (4, 16, 24) and layer.params.shape == (24, 2, 4)
     x = torch.randn(3, 100)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     assert relative_error(layer.weight, linear.weight) < 0.1

@@ -13,12 +13,11 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from .bitpack import to_planes
 from .config import ConfigError, MethodConfig, check_choice, check_range
 from .module import ReparamModule
 from .quantizer import PARAM_DTYPE, Quantizer
 from .stats import LayerStats
-from ..kernels.bitplane import bitplane_linear, decode_weight
+from ..kernels.bitplane import bitplane_linear, decode_weight, planes_from_codes
 from ..progress import progress_bar
 
 FITS = ("auto", "rtn", "gptq")
@@ -120,8 +119,9 @@ def allocate_bits(sizes: Mapping[str, int], errors: Mapping[str, Mapping[int, fl
 class QuantizedLinear(ReparamModule):
     """``nn.Linear`` with W stored as ``bits`` bit-planes and per-group parameters.
 
-    State: ``planes`` (bits, out, padded_in/8) uint8, rows padded with zero
-    bits to whole groups, and ``params`` (out, groups, P) fp16; the bias is
+    State: ``planes`` (bits, padded_in/8, out) uint8, rows padded with zero
+    bits to whole groups (byte-major, see ``kernels.bitplane``), and
+    ``params`` (out, groups, P) fp16; the bias is
     kept as it was. The forward never builds W on CPU at small batch, nor on
     CUDA (see ``reparam.kernels.bitplane``).
     """
@@ -135,7 +135,7 @@ class QuantizedLinear(ReparamModule):
         self.quantizer = config.quantizer()
         groups = self.quantizer.num_groups(in_features)
         self.padded_in_features = groups * config.group_size
-        self.register_buffer("planes", torch.zeros(config.bits, out_features, self.padded_in_features // 8,
+        self.register_buffer("planes", torch.zeros(config.bits, self.padded_in_features // 8, out_features,
                                                    dtype=torch.uint8, device=device))
         self.register_buffer("params", torch.zeros(out_features, groups, self.quantizer.params_per_group,
                                                    dtype=PARAM_DTYPE, device=device))
@@ -144,7 +144,7 @@ class QuantizedLinear(ReparamModule):
         gram = stats.gram if stats is not None and self.config.fit != "rtn" else None
         codes, params = self.quantizer.quantize(weight, gram)
         codes = nn.functional.pad(codes, (0, self.padded_in_features - self.in_features))
-        self.planes.copy_(to_planes(codes, self.config.bits))
+        self.planes.copy_(planes_from_codes(codes, self.config.bits))
         self.params.copy_(params)
 
     def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,13 +2,16 @@
 
 The weight is W[o, j] = Σ_i coef[i, o, g]·bit_i[o, j] + offset[o, g], with
 g = j // group_size, bit-planes packed 8 columns per byte (see
-``reparam.core.bitpack``) and rows padded to whole groups.
+``reparam.core.bitpack``) and rows padded to whole groups. Planes are stored
+byte-major, (bits, in/8, out): the bytes of one input chunk for all outputs
+are contiguous, which is what a CPU gather and coalesced GPU loads want.
 
 - ``bitplane_reference``: decode W, then a dense matmul. The definition.
 - ``bitplane_lut``: LUT-GEMM (Park et al. 2024) for few tokens. For every 8
   activations the 256 possible partial sums Σ_k bit_k·x_k are tabulated once;
   a byte of a plane then indexes the table, so a row costs one lookup per 8
-  weights per plane, and the scales apply once per group. No weight is decoded.
+  weights per plane, and the scales apply once per group. No weight is
+  decoded; the lookups are one ``torch.gather`` per plane.
 - ``bitplane_triton``: a CUDA kernel that decodes a tile of W in registers and
   feeds it to ``tl.dot``; W never exists in memory.
 
@@ -27,10 +30,21 @@ try:
 except ImportError:  # the kernel is optional: CPU paths need only torch
     triton = None
 
-from ..core.bitpack import unpack_bits
+from ..core.bitpack import from_planes, to_planes, unpack_bits
 
-LUT_MAX_TOKENS = 8
-_LUT_CHUNK = 1 << 22  # table entries gathered per step, bounding the LUT's scratch memory
+LUT_MAX_TOKENS = 16
+_LUT_CHUNK = 1 << 22  # lookups per step, bounding the LUT's scratch memory
+_BYTE_BITS = ((torch.arange(256) >> torch.arange(8)[:, None]) & 1).float()  # (8, 256): bit k of byte v
+
+
+def planes_from_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (out, padded in) → byte-major planes (bits, padded in / 8, out)."""
+    return to_planes(codes, bits).transpose(1, 2).contiguous()
+
+
+def codes_from_planes(planes: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`planes_from_codes`."""
+    return from_planes(planes.transpose(1, 2), planes.shape[1] * 8)
 
 
 def decode_weight(planes: torch.Tensor, coef: torch.Tensor, offset: torch.Tensor, group_size: int,
@@ -39,7 +53,7 @@ def decode_weight(planes: torch.Tensor, coef: torch.Tensor, offset: torch.Tensor
     out_features, groups = offset.shape
     weight = offset.to(dtype)[:, :, None].expand(out_features, groups, group_size).clone()
     for plane, c in zip(planes, coef.to(dtype)):
-        bits = unpack_bits(plane, groups * group_size).view(out_features, groups, group_size)
+        bits = unpack_bits(plane.T, groups * group_size).view(out_features, groups, group_size)
         weight.addcmul_(bits.to(dtype), c[:, :, None])
     return weight.view(out_features, groups * group_size)
 
@@ -58,21 +72,19 @@ def bitplane_lut(x, planes, coef, offset, group_size, bias=None):
     """LUT-GEMM on CPU; computes in float32 whatever the input dtype."""
     out_features, groups = offset.shape
     shape, dtype = x.shape, x.dtype
-    x = _padded(x.reshape(-1, shape[-1]).float(), groups * group_size)
-    tokens, nbytes = x.shape[0], planes.shape[-1]
-    # table[t, b, v] = Σ_k bit_k(v)·x[t, 8b + k] for every byte value v
-    byte_bits = ((torch.arange(256) >> torch.arange(8)[:, None]) & 1).float()  # (8, 256)
-    table = (x.view(tokens, nbytes, 8) @ byte_bits).view(tokens, nbytes * 256)
-    base = torch.arange(nbytes, dtype=torch.int32) * 256
-    rows = max(1, _LUT_CHUNK // max(1, tokens * nbytes))
-    y = x.view(tokens, groups, group_size).sum(-1) @ offset.float().T  # the offset's share
-    per_group = group_size // 8
-    for first in range(0, out_features, rows):
-        last = min(first + rows, out_features)
-        for plane, c in zip(planes[:, first:last], coef[:, first:last].float()):
-            index = (plane.to(torch.int32) + base).view(-1)
-            sums = table.index_select(1, index).view(tokens, last - first, groups, per_group).sum(-1)
-            y[:, first:last] += (sums * c).sum(-1)
+    nbytes = planes.shape[1]
+    x = _padded(x.reshape(-1, shape[-1]).float(), nbytes * 8)
+    tables = x.view(-1, nbytes, 8) @ _BYTE_BITS  # (tokens, nbytes, 256)
+    y = x.view(-1, groups, group_size).sum(-1) @ offset.float().T  # the offset's share
+    coef = coef.float().transpose(1, 2).contiguous()  # (bits, groups, out)
+    step = max(1, _LUT_CHUNK // nbytes)
+    for first in range(0, out_features, step):
+        last = min(first + step, out_features)
+        for plane, c in zip(planes[:, :, first:last], coef[:, :, first:last]):
+            index = plane.long()  # gather wants int64; one plane's chunk at a time
+            for token, table in enumerate(tables):
+                sums = table.gather(1, index).view(groups, group_size // 8, -1).sum(1)  # (groups, chunk)
+                y[token, first:last] += (sums * c).sum(0)
     if bias is not None:
         y += bias.float()
     return y.to(dtype).view(*shape[:-1], out_features)
@@ -110,7 +122,7 @@ if triton is not None:
             w = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
             shift = (cols % 8).to(tl.uint8)
             for i in tl.static_range(BITS):
-                byte = tl.load(planes_ptr + (i * out_features + ro[:, None]) * nbytes + cols[None, :] // 8,
+                byte = tl.load(planes_ptr + (i * nbytes + cols[None, :] // 8) * out_features + ro[:, None],
                                mask=o_ok[:, None], other=0)
                 c = tl.load(coef_ptr + (i * out_features + ro) * groups + g, mask=o_ok, other=0.0)
                 w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c.to(tl.float32)[:, None]
@@ -135,7 +147,7 @@ def bitplane_triton(x, planes, coef, offset, group_size, bias=None):
     grid = (triton.cdiv(tokens, 16), triton.cdiv(out_features, 32))
     _bitplane_kernel[grid](x2, planes.contiguous(), coef.contiguous(), offset.contiguous(),
                            bias if bias is not None else offset, y,
-                           tokens, out_features, shape[-1], groups, planes.shape[-1],
+                           tokens, out_features, shape[-1], groups, planes.shape[1],
                            BITS=planes.shape[0], GROUP=group_size, HAS_BIAS=bias is not None,
                            BLOCK_T=16, BLOCK_O=32, BLOCK_K=block_k)
     return y.view(*shape[:-1], out_features)
