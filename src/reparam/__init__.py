@@ -14,6 +14,7 @@ from .fold import fold
 from .io import converted_modules, load, save
 from .methods.affine import AffineConfig, AffineLinear
 from .methods.compander import CompanderConfig
+from .methods.dense_sparse import DenseSparseConfig, DenseSparseLinear
 from .methods.low_rank import LowRankConfig, LowRankLinear
 from .methods.scale_vector import ScaleVectorConfig
 from .methods.shift_add import ShiftAddConfig, ShiftAddLinear
@@ -23,7 +24,7 @@ from .report import ConversionReport, LayerReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "AffineConfig", "AffineLinear", "CompanderConfig", "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
+    "AffineConfig", "AffineLinear", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
     "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig", "ShiftAddConfig", "ShiftAddLinear",
     "apply", "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
     "parse_recipe", "plan_conversion", "save",

@@ -97,6 +97,21 @@ class Whitening(InputSpace):
         return torch.linalg.solve_triangular(self.chol.T, whitened.T, upper=True).T
 
 
+class TruncatedSVD(Factorizer):
+    """Best rank-r fit of W·T, returned as U = U_r Σ_r^½, V = Σ_r^½ V_rᵀ T⁻¹
+    (the square root split keeps both factors on the same scale, which
+    matters for fine-tuning and for low-precision storage)."""
+
+    def __init__(self, rank: int, space: InputSpace):
+        self.rank = rank
+        self.space = space
+
+    def factorize(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, vh = torch.linalg.svd(self.space.whiten(weight), full_matrices=False)
+        root = s[: self.rank].sqrt()
+        return u[:, : self.rank] * root, self.space.unwhiten(root[:, None] * vh[: self.rank])
+
+
 def factor_budget(size_ratio: float, in_features: int, out_features: int, bias: bool) -> float:
     """How many weight-dtype elements a compressed weight may take so that the
     whole layer (weight and bias, which stays dense) keeps ``size_ratio`` of its bytes."""

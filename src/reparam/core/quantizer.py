@@ -15,11 +15,11 @@ the fitting loops here, the bit-plane storage and the forward kernels.
 Two fits, shared by all quantizers:
 
 - round-to-nearest: each group fitted to W, each weight to its nearest level;
-- compensated (GPTQ, Frantar et al. 2023): columns quantized one by one, each
-  column's error pushed onto the columns not yet quantized through the
-  inverse Hessian of the calibration inputs, H = Σ xxᵀ, which minimizes the
-  output error ‖(W − Ŵ)X‖ rather than the weight error. A group's parameters
-  are fitted when the loop reaches it, to the already-compensated weights.
+- compensated (GPTQ, ``core.compensation``): columns quantized one by one,
+  each column's error pushed onto the columns not yet quantized, which
+  minimizes the output error ‖(W − Ŵ)X‖ rather than the weight error. A
+  group's parameters are fitted when the loop reaches it, to the
+  already-compensated weights.
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ import math
 
 import torch
 
+from .compensation import BLOCK, Compensation
+
 # Parameters are stored in fp16; fits round them on the spot so that error
 # compensation sees the levels that inference will use.
 PARAM_DTYPE = torch.float16
-DAMP = 0.01  # GPTQ's dampening: 1% of the mean diagonal of H
-BLOCK = 128  # columns per lazy-update block (GPTQ's choice)
 
 
 class Quantizer(abc.ABC):
@@ -99,38 +99,19 @@ class Quantizer(abc.ABC):
         return codes, torch.stack(params, 1)
 
     def _compensated(self, weight: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = weight.clone()
-        hessian = gram.to(torch.float64).clone()
-        dead = hessian.diagonal() == 0  # channels never active: any value is free
-        hessian[dead, dead] = 1
-        weight[:, dead] = 0
-        hessian.diagonal().add_(DAMP * hessian.diagonal().mean())
-        # Upper Cholesky factor of H⁻¹: row j holds the update that column j's
-        # error spreads over the columns after it (GPTQ's Cholesky form).
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-        update = torch.linalg.cholesky(inverse, upper=True)
-        importance = update.diagonal().square().reciprocal()
-
-        columns = weight.shape[1]
+        compensation = Compensation(gram)
+        importance = compensation.importance
         codes = torch.empty(weight.shape, dtype=torch.int64)
-        params = []
-        block = self.group_size * math.ceil(BLOCK / self.group_size)  # whole groups per block
-        for start in range(0, columns, block):
-            end = min(start + block, columns)
-            work = weight[:, start:end].clone()
-            errors = torch.zeros_like(work)
-            for i in range(end - start):
-                col = start + i
-                if col % self.group_size == 0:
-                    width = min(self.group_size, end - col)
-                    params.append(self._fit_stored(work[:, i:i + width], importance[col:col + width]))
-                    levels = self.levels(params[-1])
-                code = self.encode(params[-1], work[:, i:i + 1])[:, 0]
-                codes[:, col] = code
-                error = (work[:, i] - levels.gather(1, code[:, None])[:, 0]) / update[col, col]
-                work[:, i:] -= error[:, None] * update[col, col:end]
-                errors[:, i] = error
-            weight[:, end:] -= errors @ update[start:end, end:]
+        params: list[torch.Tensor] = []
+
+        def approximate(col: int, pending: torch.Tensor) -> torch.Tensor:
+            if col % self.group_size == 0:  # fit the group to its already-compensated columns
+                width = min(self.group_size, pending.shape[1])
+                params.append(self._fit_stored(pending[:, :width], importance[col:col + width]))
+            codes[:, col] = self.encode(params[-1], pending[:, :1])[:, 0]
+            return self.levels(params[-1]).gather(1, codes[:, col:col + 1])[:, 0]
+
+        compensation.run(weight, approximate, block=self.group_size * math.ceil(BLOCK / self.group_size))
         return codes, torch.stack(params, 1)
 
 

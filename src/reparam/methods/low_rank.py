@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ConfigError, MethodConfig, check_budget, check_choice, check_range
-from ..core.factorizer import ChannelScaling, Factorizer, Identity, InputSpace, Whitening, rank_for_ratio
+from ..core.factorizer import ChannelScaling, Identity, InputSpace, TruncatedSVD, Whitening, rank_for_ratio
 from ..core.module import ReparamModule
 from ..core.registry import register_wrapper
 from ..core.stats import LayerStats
@@ -62,21 +62,6 @@ class LowRankConfig(MethodConfig):
         if self.rank is not None:
             return self.rank
         return rank_for_ratio(self.size_ratio, in_features, out_features, bias)
-
-
-class TruncatedSVD(Factorizer):
-    """Best rank-r fit of W·T, returned as U = U_r Σ_r^½, V = Σ_r^½ V_rᵀ T⁻¹
-    (the square root split keeps both factors on the same scale, which
-    matters for fine-tuning and for low-precision storage)."""
-
-    def __init__(self, rank: int, space: InputSpace):
-        self.rank = rank
-        self.space = space
-
-    def factorize(self, weight: torch.Tensor, stats: LayerStats | None) -> tuple[torch.Tensor, torch.Tensor]:
-        u, s, vh = torch.linalg.svd(self.space.whiten(weight), full_matrices=False)
-        root = s[: self.rank].sqrt()
-        return u[:, : self.rank] * root, self.space.unwhiten(root[:, None] * vh[: self.rank])
 
 
 def input_space(config: LowRankConfig, stats: LayerStats | None) -> InputSpace:

@@ -1,0 +1,60 @@
+"""Column-by-column error compensation (GPTQ, Frantar et al. 2023), for any
+per-column approximation: quantization codes, sparse codes.
+
+Columns of W are approximated left to right; each column's error is pushed
+onto the columns not yet approximated through the inverse Hessian of the
+calibration inputs, H = Σ xxᵀ, so the loop minimizes the output error
+‖(W − Ŵ)X‖ rather than the weight error.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+DAMP = 0.01  # GPTQ's dampening: 1% of the mean diagonal of H
+BLOCK = 128  # columns per lazy-update block (GPTQ's choice)
+
+# approximate(column index, pending) → the approximated column (rows,), where
+# pending (rows, n) holds the compensated columns from that index to the end
+# of its block, so a group's parameters can be fitted when the loop reaches it.
+Approximate = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class Compensation:
+    """The factored inverse Hessian of one layer's calibration inputs."""
+
+    def __init__(self, gram: torch.Tensor):
+        hessian = gram.to(torch.float64).clone()
+        self.dead = hessian.diagonal() == 0  # channels never active: any value is free
+        hessian[self.dead, self.dead] = 1
+        hessian.diagonal().add_(DAMP * hessian.diagonal().mean())
+        # Upper Cholesky factor of H⁻¹: row j holds the update that column j's
+        # error spreads over the columns after it (GPTQ's Cholesky form).
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+        self.update = torch.linalg.cholesky(inverse, upper=True)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """(in,) 1/[H⁻¹]_jj: what an error in column j costs in output error, after compensation."""
+        return self.update.diagonal().square().reciprocal()
+
+    def run(self, weight: torch.Tensor, approximate: Approximate, *, block: int = BLOCK) -> None:
+        """Call ``approximate`` on every column of a float64 weight, in order, with compensation.
+
+        ``block`` should be a multiple of any group the callback fits at once.
+        """
+        weight = weight.clone()
+        weight[:, self.dead] = 0
+        update = self.update
+        columns = weight.shape[1]
+        for start in range(0, columns, block):
+            end = min(start + block, columns)
+            work = weight[:, start:end].clone()
+            errors = torch.zeros_like(work)
+            for i in range(end - start):
+                col = start + i
+                error = (work[:, i] - approximate(col, work[:, i:])) / update[col, col]
+                work[:, i:] -= error[:, None] * update[col, col:end]
+                errors[:, i] = error
+            weight[:, end:] -= errors @ update[start:end, end:]

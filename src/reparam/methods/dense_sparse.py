@@ -1,0 +1,286 @@
+"""Dense-sparse factorization (DSFormer, Chand et al. 2023): W ≈ D·S.
+
+D (out, k) is a dense dictionary of k atoms; S (k, in) has exactly s nonzeros
+in every column, so each input channel's column of W lives in its own
+s-dimensional subspace spanned by s atoms (a union of subspaces, more
+expressive per byte than one rank-k basis).
+
+The fit alternates two exact-or-greedy steps from the truncated SVD:
+
+- codes: for every column, the support is the s atoms with the largest
+  contribution |z_a|·‖d_a‖ in the dense least-squares code z = D⁺w, and the
+  values are least squares on that support. With calibration data the
+  columns are coded left to right with GPTQ's error compensation
+  (``core.compensation``), so the codes minimize the output error;
+- dictionary: D = W G Sᵀ (S G Sᵀ)⁻¹, the exact minimizer of ‖(W − DS)L‖_F
+  for fixed S (G = LLᵀ the calibration Gram; G = I without data).
+
+Straight-Through Factorizer (STF) training: in ``train()`` mode the module
+holds a dense shadow S̃; the forward uses the top-s entries of each column
+of S̃ and the backward passes gradients to all of S̃, so the sparsity
+pattern can move. ``eval()`` packs S̃ back into values and indices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.compensation import Compensation
+from ..core.config import ConfigError, MethodConfig, check_budget, check_choice
+from ..core.factorizer import Factorizer, Identity, TruncatedSVD, Whitening, factor_budget
+from ..core.module import ReparamModule
+from ..core.registry import register_wrapper
+from ..core.stats import LayerStats
+from ..kernels.dense_sparse import dense_sparse_linear, sparse_to_dense
+
+FACTORIZERS = ("auto", "plain", "whitened")
+PATTERNS = (None, "2:4")
+# Nonzeros per column as a fraction of the atoms when size_ratio sets the
+# shape: the best split measured on all three of MiniLM's layer shapes fell
+# at s/k ≈ 0.3–0.5 (docs/dense_sparse.md).
+DENSITY = 0.4
+ROUNDS = 4  # code/dictionary alternations; fidelity on MiniLM stops improving after about 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSparseConfig(MethodConfig):
+    """Set ``size_ratio`` or both ``atoms`` (k) and ``nnz`` (s).
+
+    ``factorizer="auto"`` is ``whitened`` (output-error fit) when ``convert``
+    gets calibration data and ``plain`` (weight-error fit) when it does not.
+    ``pattern="2:4"``: in every column, at most 2 nonzeros in each run of 4
+    atoms (nnz = atoms/2), the N:M layout sparse tensor cores run.
+    """
+
+    method: ClassVar[str] = "dense_sparse"
+    size_ratio: float | None = None
+    atoms: int | None = None
+    nnz: int | None = None
+    factorizer: str = "auto"
+    pattern: str | None = None
+
+    def __post_init__(self):
+        check_budget(self.method, self.size_ratio, {"atoms": self.atoms, "nnz": self.nnz})
+        if self.size_ratio is None and (self.atoms is None or self.nnz is None):
+            raise ConfigError(f"{self.method}: set both atoms and nnz, or size_ratio")
+        check_choice(self.method, "factorizer", self.factorizer, FACTORIZERS)
+        check_choice(self.method, "pattern", self.pattern, PATTERNS)
+        if self.atoms is not None:
+            if self.nnz > self.atoms:
+                raise ConfigError(f"{self.method}: nnz={self.nnz} exceeds atoms={self.atoms}; "
+                                  "a column cannot use more atoms than the dictionary has")
+            if self.pattern == "2:4" and (self.atoms % 4 or self.nnz != self.atoms // 2):
+                raise ConfigError(f"{self.method}: pattern '2:4' needs atoms divisible by 4 and nnz = atoms/2, "
+                                  f"got atoms={self.atoms}, nnz={self.nnz}")
+
+    def requires_calibration(self) -> bool:
+        return self.factorizer == "whitened"
+
+    def uses_calibration(self) -> bool:
+        return self.factorizer != "plain"
+
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        if self.atoms is not None and self.atoms > min(in_features, out_features):
+            raise ConfigError(f"{self.method}: atoms={self.atoms} exceeds min(in, out)="
+                              f"{min(in_features, out_features)} of layer '{name}'; lower atoms or use size_ratio")
+
+    def shape_for(self, in_features: int, out_features: int, bias: bool, element_size: int) -> tuple[int, int]:
+        """(atoms, nnz) for a layer; with ``size_ratio``, the largest that fit its bytes."""
+        if self.atoms is not None:
+            return self.atoms, self.nnz
+        budget = factor_budget(self.size_ratio, in_features, out_features, bias)  # in weight elements
+        if self.pattern == "2:4":
+            atoms = 4 * max(1, min(in_features, out_features) // 4)
+            while atoms > 4 and _elements(atoms, atoms // 2, in_features, out_features, element_size) > budget:
+                atoms -= 4
+            return atoms, atoms // 2
+        atoms = min(in_features, out_features)
+        while atoms > 1 and _elements(atoms, max(1, round(DENSITY * atoms)), in_features, out_features,
+                                      element_size) > budget:
+            atoms -= 1
+        return atoms, max(1, round(DENSITY * atoms))
+
+
+def index_dtype(atoms: int) -> torch.dtype:
+    """The smallest integer type that holds an atom index."""
+    return torch.uint8 if atoms <= 256 else torch.int16 if atoms <= 32768 else torch.int32
+
+
+def _elements(atoms: int, nnz: int, in_features: int, out_features: int, element_size: int) -> float:
+    return atoms * out_features + nnz * in_features * (1 + index_dtype(atoms).itemsize / element_size)
+
+
+class SparseDictionary(Factorizer):
+    """Fits D (out, k) and column-sparse S, returned as (D, values (s, in), indices (s, in))."""
+
+    def __init__(self, atoms: int, nnz: int, pattern: str | None, whitened: bool):
+        self.atoms, self.nnz, self.pattern, self.whitened = atoms, nnz, pattern, whitened
+
+    def factorize(self, weight: torch.Tensor, stats: LayerStats | None):
+        gram = stats.gram.to(torch.float64) if self.whitened else None
+        space = Whitening(gram) if self.whitened else Identity()
+        dictionary, _ = TruncatedSVD(self.atoms, space).factorize(weight, stats)
+        compensation = Compensation(gram) if self.whitened else None
+        best, best_error = None, float("inf")
+        for round_ in range(ROUNDS + 1):
+            if round_:
+                dictionary = self.dictionary(weight, sparse_to_dense(values, indices, self.atoms), gram)
+            values, indices = self.codes(weight, dictionary, compensation)
+            # The code step is greedy, so a round can lose: keep the best iterate.
+            error = _error(weight, dictionary @ sparse_to_dense(values, indices, self.atoms), gram)
+            if error < best_error:
+                best, best_error = (dictionary, values, indices), error
+        return best
+
+    def codes(self, weight, dictionary, compensation):
+        """Sparse codes of every column: (values (s, in), indices (s, in) int64)."""
+        coder = _Coder(dictionary, self.nnz, self.pattern)
+        if compensation is None:
+            return coder(weight)
+        values = torch.empty(self.nnz, weight.shape[1], dtype=weight.dtype)
+        indices = torch.empty(self.nnz, weight.shape[1], dtype=torch.int64)
+
+        def approximate(col: int, pending: torch.Tensor) -> torch.Tensor:
+            v, i = coder(pending[:, :1])
+            values[:, col], indices[:, col] = v[:, 0], i[:, 0]
+            return dictionary[:, i[:, 0]] @ v[:, 0]
+
+        compensation.run(weight, approximate)
+        return values, indices
+
+    @staticmethod
+    def dictionary(weight, sparse, gram):
+        """argmin_D ‖(W − D·S)L‖_F = W G Sᵀ (S G Sᵀ)⁻¹ (G = I when ``gram`` is None)."""
+        sg = sparse if gram is None else sparse @ gram
+        lhs = sg @ sparse.T
+        lhs.diagonal().add_(1e-9 * lhs.diagonal().mean().clamp_min(1e-30))  # atoms no column uses
+        return torch.linalg.solve(lhs, (weight @ sg.T).T).T
+
+
+def _error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None) -> float:
+    """‖(W − Ŵ)L‖²_F = tr(E G Eᵀ), or ‖W − Ŵ‖²_F without a Gram."""
+    delta = weight - approx
+    return float((delta.square() if gram is None else (delta @ gram) * delta).sum())
+
+
+class _Coder:
+    """Support by contribution in the dense code, values by least squares on it."""
+
+    def __init__(self, dictionary: torch.Tensor, nnz: int, pattern: str | None):
+        self.dictionary, self.nnz, self.pattern = dictionary, nnz, pattern
+        self.pinv = torch.linalg.pinv(dictionary)
+        self.norms = dictionary.norm(dim=0)
+        self.gram = dictionary.T @ dictionary
+
+    def __call__(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = ((self.pinv @ columns).abs() * self.norms[:, None]).T  # (n, k)
+        if self.pattern == "2:4":
+            runs = scores.view(scores.shape[0], -1, 4)
+            indices = (runs.topk(2, dim=-1).indices + 4 * torch.arange(runs.shape[1])[:, None]).flatten(1)
+        else:
+            indices = scores.topk(self.nnz, dim=-1).indices  # (n, s)
+        indices = indices.sort(-1).values
+        sub = self.gram[indices[:, :, None], indices[:, None, :]]  # (n, s, s)
+        sub.diagonal(dim1=1, dim2=2).add_(1e-12 * sub.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30))
+        rhs = (self.dictionary.T @ columns).T.gather(1, indices)  # (n, s)
+        values = torch.linalg.solve(sub, rhs)
+        return values.T, indices.T
+
+
+class _TopS(torch.autograd.Function):
+    """Forward: keep the top-s magnitudes of each column; backward: straight through."""
+
+    @staticmethod
+    def forward(ctx, shadow: torch.Tensor, nnz: int, pattern: str | None):
+        return shadow * top_mask(shadow, nnz, pattern)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def top_mask(shadow: torch.Tensor, nnz: int, pattern: str | None) -> torch.Tensor:
+    """(k, in) mask of the entries a column keeps."""
+    magnitude = shadow.detach().abs()
+    if pattern == "2:4":
+        runs = magnitude.T.reshape(magnitude.shape[1], -1, 4)
+        keep = torch.zeros_like(runs).scatter_(-1, runs.topk(2, dim=-1).indices, 1.0)
+        return keep.reshape(magnitude.shape[1], -1).T
+    return torch.zeros_like(magnitude).scatter_(0, magnitude.topk(nnz, dim=0).indices, 1.0)
+
+
+@register_wrapper(DenseSparseConfig)
+class DenseSparseLinear(ReparamModule):
+    """``nn.Linear`` with W = D·S: ``d`` (out, k), ``values`` and ``indices`` (s, in).
+
+    Fine-tune with STF: call ``model.train()`` *before* building the optimizer
+    (it creates each layer's dense ``shadow`` parameter), train, then
+    ``model.eval()`` to pack S again. ``state_dict`` always holds the packed
+    form, in either mode.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: DenseSparseConfig, *,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, config, device=device, dtype=dtype)
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        self.atoms, self.nnz = config.shape_for(in_features, out_features, bias, element_size)
+        self.d = nn.Parameter(torch.empty(out_features, self.atoms, device=device, dtype=self.dtype))
+        self.values = nn.Parameter(torch.empty(self.nnz, in_features, device=device, dtype=self.dtype))
+        self.register_buffer("indices", torch.zeros(self.nnz, in_features, device=device,
+                                                    dtype=index_dtype(self.atoms)))
+        self.shadow: nn.Parameter | None = None
+        self.training = False  # a converted layer starts packed, like a model in eval()
+
+    def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
+        kind = self.config.factorizer
+        whitened = kind == "whitened" or (kind == "auto" and stats is not None)
+        if whitened and stats is None:
+            raise ConfigError("dense_sparse: factorizer 'whitened' needs calibration statistics; pass calib to convert")
+        d, values, indices = SparseDictionary(self.atoms, self.nnz, self.config.pattern, whitened).factorize(
+            weight, stats)
+        self.d.copy_(d)
+        self.values.copy_(values)
+        self.indices.copy_(indices)
+
+    def sparse(self) -> torch.Tensor:
+        """S as a dense (k, in) matrix: the shadow's top-s in training, else the packed codes."""
+        if self.shadow is not None:
+            return _TopS.apply(self.shadow, self.nnz, self.config.pattern)
+        return sparse_to_dense(self.values, self.indices, self.atoms)
+
+    def materialize(self) -> torch.Tensor:
+        return self.d @ self.sparse()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shadow is not None:
+            return F.linear(F.linear(x, self.sparse()), self.d, self.bias)
+        return dense_sparse_linear(x, self.d, self.values, self.indices, self.bias)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.shadow is None:
+            self.shadow = nn.Parameter(sparse_to_dense(self.values.detach(), self.indices, self.atoms))
+            self.values.requires_grad_(False)  # the shadow carries S while training
+        elif not mode and self.shadow is not None:
+            self._pack()
+            self.shadow = None
+            self.values.requires_grad_(True)
+        return self
+
+    @torch.no_grad()
+    def _pack(self) -> None:
+        kept = top_mask(self.shadow, self.nnz, self.config.pattern)
+        indices = kept.T.nonzero()[:, 1].view(self.in_features, self.nnz).T  # ascending atom order
+        self.indices.copy_(indices)
+        self.values.copy_(self.shadow.gather(0, indices))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Saved models always hold the packed form, whatever the mode.
+        if self.shadow is not None:
+            self._pack()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "shadow", None)
