@@ -37,10 +37,11 @@ def test_triton_codes_in_half_precision_with_int16_indices():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_cpu_path_matches_reference(bias):
+@pytest.mark.parametrize("batch", [(1,), (2, 1), (4, 7)])  # the scatter-add path, then the dense-S one
+def test_cpu_path_matches_reference(bias, batch):
     d, values, indices = random_factors(30, 50, 20, 6)
     b = torch.randn(30) if bias else None
-    x = torch.randn(4, 7, 50)
+    x = torch.randn(*batch, 50)
     torch.testing.assert_close(dense_sparse_cpu(x, d, values, indices, b),
                                dense_sparse_reference(x, d, values, indices, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense_sparse_linear(x, d, values, indices, b),

@@ -2,9 +2,10 @@
 ``indices`` (s, in), the s atoms each input channel feeds.
 
 - ``dense_sparse_reference``: build W = D·S, one matmul. The definition.
-- CPU (``dense_sparse_cpu``): z = x·Sᵀ with S scattered to a dense (k, in)
-  matrix (k·in is small next to out·in), then y = z·Dᵀ: two thin matmuls,
-  never the full W.
+- CPU (``dense_sparse_cpu``): z = x·Sᵀ, then y = z·Dᵀ, never the full W.
+  Up to ``SCATTER_MAX_TOKENS`` tokens z is a scatter-add of the s·in
+  products x_j·S[a, j] into their atoms; above, S is scattered into a dense
+  (k, in) matrix once and z is a matmul (measured crossover: 2–8 tokens).
 - CUDA (``dense_sparse_triton``): each program builds a (k, BLOCK_IN) tile
   of S in registers from the stored pairs and accumulates x·Sᵀ with
   ``tl.dot``; S never exists in memory. Then y = z·Dᵀ by cuBLAS: the dense
@@ -28,12 +29,21 @@ def sparse_to_dense(values: torch.Tensor, indices: torch.Tensor, atoms: int) -> 
     return dense.scatter(0, indices.long(), values)
 
 
+SCATTER_MAX_TOKENS = 2
+
+
 def dense_sparse_reference(x, d, values, indices, bias=None):
     return F.linear(x, d @ sparse_to_dense(values, indices, d.shape[1]), bias)
 
 
 def dense_sparse_cpu(x, d, values, indices, bias=None):
-    return F.linear(F.linear(x, sparse_to_dense(values, indices, d.shape[1])), d, bias)
+    atoms = d.shape[1]
+    if x.numel() // x.shape[-1] > SCATTER_MAX_TOKENS:
+        return F.linear(F.linear(x, sparse_to_dense(values, indices, atoms)), d, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    products = (values * rows[:, None, :]).reshape(rows.shape[0], -1)  # (tokens, s·in)
+    codes = rows.new_zeros(rows.shape[0], atoms).index_add_(1, indices.long().flatten(), products)
+    return F.linear(codes, d, bias).view(*x.shape[:-1], d.shape[0])
 
 
 def dense_sparse_linear(x, d, values, indices, bias=None):

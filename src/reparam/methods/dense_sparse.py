@@ -127,13 +127,15 @@ class SparseDictionary(Factorizer):
         compensation = Compensation(gram) if self.whitened else None
         best, best_error = None, float("inf")
         for round_ in range(ROUNDS + 1):
-            if round_:
-                dictionary = self.dictionary(weight, sparse_to_dense(values, indices, self.atoms), gram)
+            if best is not None:
+                dictionary = self.dictionary(weight, sparse_to_dense(*best[1:], self.atoms), gram)
             values, indices = self.codes(weight, dictionary, compensation)
             # The code step is greedy, so a round can lose: keep the best iterate.
             error = _error(weight, dictionary @ sparse_to_dense(values, indices, self.atoms), gram)
             if error < best_error:
                 best, best_error = (dictionary, values, indices), error
+            elif round_:
+                break  # the dictionary step starts from the best codes: nothing new would follow
         return best
 
     def codes(self, weight, dictionary, compensation):
