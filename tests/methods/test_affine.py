@@ -25,12 +25,13 @@ def test_round_to_nearest_matches_the_textbook_formula(symmetric):
         torch.testing.assert_close(quantizer.dequantize(codes, params)[:, 32 * g:32 * (g + 1)], expected)
 
 
-def test_gptq_lowers_the_output_error():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error(act_order):
     mix = torch.randn(128, 128) * torch.logspace(0, -2, 128)
     stats = LayerStats.from_inputs(torch.randn(1000, 128) @ mix)
     linear = nn.Linear(128, 48)
     errors = {fit: stats.output_error(linear.weight, reparam.apply(
-        linear, AffineConfig(bits=3, fit=fit), stats).weight) for fit in ("rtn", "gptq")}
+        linear, AffineConfig(bits=3, fit=fit, act_order=act_order), stats).weight) for fit in ("rtn", "gptq")}
     assert errors["gptq"] < 0.8 * errors["rtn"]
 
 

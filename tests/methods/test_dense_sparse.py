@@ -43,11 +43,13 @@ def test_alternating_rounds_lower_the_error_from_the_svd_start(monkeypatch):
     assert errors[4] < 0.8 * errors[0]
 
 
-def test_whitened_fit_lowers_the_output_error():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_whitened_fit_lowers_the_output_error(act_order):
     linear = nn.Linear(96, 64)
     stats = LayerStats.from_inputs(correlated_inputs(2000, 96))
     errors = {kind: stats.output_error(linear.weight, reparam.apply(
-        linear, DenseSparseConfig(atoms=32, nnz=8, factorizer=kind), stats).weight) for kind in ("plain", "whitened")}
+        linear, DenseSparseConfig(atoms=32, nnz=8, factorizer=kind, act_order=act_order), stats).weight)
+        for kind in ("plain", "whitened")}
     assert errors["whitened"] < 0.7 * errors["plain"]
 
 
@@ -110,6 +112,7 @@ def test_state_dict_in_training_holds_the_packed_form():
     ({"atoms": 10, "nnz": 5, "pattern": "2:4"}, "dense_sparse: pattern '2:4' needs atoms divisible by 4 and "
                                                "nnz = atoms/2, got atoms=10, nnz=5"),
     ({"size_ratio": 0.5, "pattern": "1:4"}, "dense_sparse: pattern='1:4' is not one of [None, '2:4']"),
+    ({"size_ratio": 0.5, "act_order": 1}, "dense_sparse: act_order=1 must be true or false"),
 ])
 def test_config_errors(values, message):
     with pytest.raises(reparam.ConfigError) as err:

@@ -44,12 +44,13 @@ def test_pow2_rounding():
     assert pow2_round(torch.tensor([0.7], dtype=torch.float64), 1).item() == 0.5
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_compensated_fit_lowers_the_output_error(bits):
+def test_compensated_fit_lowers_the_output_error(bits, act_order):
     linear = nn.Linear(256, 64)
     stats = LayerStats.from_inputs(correlated_inputs(2000, 256))
     errors = {fit: stats.output_error(linear.weight, reparam.apply(
-        linear, ShiftAddConfig(bits=bits, fit=fit), stats).weight) for fit in ("rtn", "gptq")}
+        linear, ShiftAddConfig(bits=bits, fit=fit, act_order=act_order), stats).weight) for fit in ("rtn", "gptq")}
     assert errors["gptq"] < 0.8 * errors["rtn"]
 
 
@@ -82,6 +83,7 @@ def test_allocation_spends_bits_where_they_remove_the_most_error():
     ({"group_size": 100}, "shift_add: group_size=100 must be a positive multiple of 32 (whole bytes per group, "
                           "and the kernel's tile); 128 is the usual choice"),
     ({"scale": "int"}, "shift_add: scale='int' is not one of ['pow2', 'float']"),
+    ({"act_order": "yes"}, "shift_add: act_order='yes' must be true or false"),
 ])
 def test_config_errors(values, message):
     with pytest.raises(reparam.ConfigError) as err:

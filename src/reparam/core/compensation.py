@@ -5,6 +5,10 @@ Columns of W are approximated left to right; each column's error is pushed
 onto the columns not yet approximated through the inverse Hessian of the
 calibration inputs, H = Σ xxᵀ, so the loop minimizes the output error
 ‖(W − Ŵ)X‖ rather than the weight error.
+
+With ``act_order`` (GPTQ's activation order) the columns are taken in
+decreasing order of H_jj instead: the columns whose errors cost most are
+approximated first, while the most columns remain to absorb their error.
 """
 from __future__ import annotations
 
@@ -16,16 +20,22 @@ DAMP = 0.01  # GPTQ's dampening: 1% of the mean diagonal of H
 BLOCK = 128  # columns per lazy-update block (GPTQ's choice)
 
 # approximate(column index, pending) → the approximated column (rows,), where
-# pending (rows, n) holds the compensated columns from that index to the end
-# of its block, so a group's parameters can be fitted when the loop reaches it.
+# pending (rows, n) holds the compensated columns in processing order, from
+# that column to the end of its block, so a group's parameters can be fitted
+# when the loop reaches it. The column index is the weight's own, in any order.
 Approximate = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class Compensation:
     """The factored inverse Hessian of one layer's calibration inputs."""
 
-    def __init__(self, gram: torch.Tensor):
-        hessian = gram.to(torch.float64).clone()
+    def __init__(self, gram: torch.Tensor, *, act_order: bool = False):
+        hessian = gram.to(torch.float64)
+        columns = hessian.shape[0]
+        # Processing order; everything below is in it.
+        self.order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
+                      else torch.arange(columns))
+        hessian = hessian[self.order][:, self.order]
         self.dead = hessian.diagonal() == 0  # channels never active: any value is free
         hessian[self.dead, self.dead] = 1
         hessian.diagonal().add_(DAMP * hessian.diagonal().mean())
@@ -37,14 +47,16 @@ class Compensation:
     @property
     def importance(self) -> torch.Tensor:
         """(in,) 1/[H⁻¹]_jj: what an error in column j costs in output error, after compensation."""
-        return self.update.diagonal().square().reciprocal()
+        importance = torch.empty_like(self.update.diagonal())
+        importance[self.order] = self.update.diagonal().square().reciprocal()
+        return importance
 
     def run(self, weight: torch.Tensor, approximate: Approximate, *, block: int = BLOCK) -> None:
-        """Call ``approximate`` on every column of a float64 weight, in order, with compensation.
+        """Call ``approximate`` on every column of a float64 weight, in processing order, with compensation.
 
         ``block`` should be a multiple of any group the callback fits at once.
         """
-        weight = weight.clone()
+        weight = weight[:, self.order]  # a copy
         weight[:, self.dead] = 0
         update = self.update
         columns = weight.shape[1]
@@ -54,7 +66,7 @@ class Compensation:
             errors = torch.zeros_like(work)
             for i in range(end - start):
                 col = start + i
-                error = (work[:, i] - approximate(col, work[:, i:])) / update[col, col]
+                error = (work[:, i] - approximate(int(self.order[col]), work[:, i:])) / update[col, col]
                 work[:, i:] -= error[:, None] * update[col, col:end]
                 errors[:, i] = error
             weight[:, end:] -= errors @ update[start:end, end:]

@@ -79,6 +79,11 @@ def check_choice(method: str, key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{method}: {key}={value!r} is not one of {list(choices)}")
 
 
+def check_flag(method: str, key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{method}: {key}={value!r} must be true or false")
+
+
 def check_range(method: str, key: str, value: Any, low: float, high: float, *,
                 low_open: bool = False) -> None:
     """Check ``low <(=) value <= high``; booleans are not numbers here."""

@@ -17,9 +17,11 @@ Two fits, shared by all quantizers:
 - round-to-nearest: each group fitted to W, each weight to its nearest level;
 - compensated (GPTQ, ``core.compensation``): columns quantized one by one,
   each column's error pushed onto the columns not yet quantized, which
-  minimizes the output error ‖(W − Ŵ)X‖ rather than the weight error. A
-  group's parameters are fitted when the loop reaches it, to the
-  already-compensated weights.
+  minimizes the output error ‖(W − Ŵ)X‖ rather than the weight error. In
+  column order, a group's parameters are fitted when the loop reaches it,
+  to the already-compensated weights; in activation order a group's columns
+  are scattered through the loop, so all groups are fitted up front to the
+  original weights (GPTQ's static groups).
 """
 from __future__ import annotations
 
@@ -72,15 +74,16 @@ class Quantizer(abc.ABC):
     def num_groups(self, columns: int) -> int:
         return math.ceil(columns / self.group_size)
 
-    def quantize(self, weight: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(self, weight: torch.Tensor, gram: torch.Tensor | None = None, *,
+                 act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (out, in) int64 and fp16-exact params (out, groups, P) of a float64 weight.
 
         With ``gram`` (Σ xxᵀ of the calibration inputs) the compensated fit,
-        else round-to-nearest.
+        in activation order if ``act_order``, else round-to-nearest.
         """
         if gram is None:
             return self._round_to_nearest(weight)
-        return self._compensated(weight, gram)
+        return self._compensated(weight, gram, act_order)
 
     def dequantize(self, codes: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """The (out, in) weight that codes and params represent."""
@@ -98,21 +101,27 @@ class Quantizer(abc.ABC):
             codes[:, start:start + self.group_size] = self.encode(params[-1], group)
         return codes, torch.stack(params, 1)
 
-    def _compensated(self, weight: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        compensation = Compensation(gram)
+    def _compensated(self, weight: torch.Tensor, gram: torch.Tensor,
+                     act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        compensation = Compensation(gram, act_order=act_order)
         importance = compensation.importance
         codes = torch.empty(weight.shape, dtype=torch.int64)
-        params: list[torch.Tensor] = []
+        params: dict[int, torch.Tensor] = {}  # group → its parameters
+        if act_order:
+            for start in range(0, weight.shape[1], self.group_size):
+                span = slice(start, start + self.group_size)
+                params[start // self.group_size] = self._fit_stored(weight[:, span], importance[span])
 
         def approximate(col: int, pending: torch.Tensor) -> torch.Tensor:
-            if col % self.group_size == 0:  # fit the group to its already-compensated columns
+            group = col // self.group_size
+            if group not in params:  # column order: fit the group to its already-compensated columns
                 width = min(self.group_size, pending.shape[1])
-                params.append(self._fit_stored(pending[:, :width], importance[col:col + width]))
-            codes[:, col] = self.encode(params[-1], pending[:, :1])[:, 0]
-            return self.levels(params[-1]).gather(1, codes[:, col:col + 1])[:, 0]
+                params[group] = self._fit_stored(pending[:, :width], importance[col:col + width])
+            codes[:, col] = self.encode(params[group], pending[:, :1])[:, 0]
+            return self.levels(params[group]).gather(1, codes[:, col:col + 1])[:, 0]
 
         compensation.run(weight, approximate, block=self.group_size * math.ceil(BLOCK / self.group_size))
-        return codes, torch.stack(params, 1)
+        return codes, torch.stack([params[group] for group in sorted(params)], 1)
 
 
 def nearest(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

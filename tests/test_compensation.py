@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from reparam.core.compensation import DAMP, Compensation
+
+
+def gram_with_scales(scales):
+    inputs = torch.randn(4000, len(scales), dtype=torch.float64) * scales
+    return inputs.T @ inputs
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_every_column_is_approximated_once_in_processing_order(act_order):
+    gram = gram_with_scales(torch.tensor([1.0, 5.0, 0.5, 3.0, 2.0, 0.1], dtype=torch.float64))
+    seen = []
+
+    def approximate(col, pending):
+        seen.append(col)
+        return pending[:, 0]  # exact: nothing to compensate
+
+    Compensation(gram, act_order=act_order).run(torch.randn(3, 6, dtype=torch.float64), approximate, block=4)
+    assert seen == ([1, 3, 4, 0, 2, 5] if act_order else [0, 1, 2, 3, 4, 5])
+
+
+def test_pending_columns_carry_the_compensated_weights_in_processing_order():
+    # Rounding column j moves the columns after it by −error·U[j, k]/U[j, j]; the
+    # reference here is the same recursion written out on the permuted weight.
+    gram = gram_with_scales(torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64))
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    compensation = Compensation(gram, act_order=True)
+    order, update = compensation.order, compensation.update
+    result = torch.empty_like(weight)
+
+    def approximate(col, pending):
+        result[:, col] = pending[:, 0].round()
+        return result[:, col]
+
+    compensation.run(weight, approximate, block=2)
+    expected, work = torch.empty_like(weight), weight[:, order].clone()
+    for i in range(4):
+        expected[:, order[i]] = work[:, i].round()
+        error = (work[:, i] - expected[:, order[i]]) / update[i, i]
+        work[:, i:] -= error[:, None] * update[i, i:]
+    torch.testing.assert_close(result, expected)
+
+
+def test_importance_is_in_the_weight_s_own_column_order():
+    # With uncorrelated inputs H is diagonal, so 1/[H⁻¹]_jj is H_jj (damped) whatever the order.
+    diagonal = torch.tensor([3.0, 9.0, 1.0, 6.0], dtype=torch.float64)
+    expected = diagonal + DAMP * diagonal.mean()
+    for act_order in (False, True):
+        torch.testing.assert_close(Compensation(torch.diag(diagonal), act_order=act_order).importance, expected)
