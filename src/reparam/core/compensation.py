@@ -31,11 +31,10 @@ class Compensation:
 
     def __init__(self, gram: torch.Tensor, *, act_order: bool = False):
         hessian = gram.to(torch.float64)
-        columns = hessian.shape[0]
-        # Processing order; everything below is in it.
+        # The processing order; everything below is kept in it.
         self.order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
-                      else torch.arange(columns))
-        hessian = hessian[self.order][:, self.order]
+                      else torch.arange(hessian.shape[0]))
+        hessian = hessian[self.order][:, self.order]  # a copy: gram is left as it was
         self.dead = hessian.diagonal() == 0  # channels never active: any value is free
         hessian[self.dead, self.dead] = 1
         hessian.diagonal().add_(DAMP * hessian.diagonal().mean())

@@ -107,7 +107,7 @@ class Quantizer(abc.ABC):
         importance = compensation.importance
         codes = torch.empty(weight.shape, dtype=torch.int64)
         params: dict[int, torch.Tensor] = {}  # group → its parameters
-        if act_order:
+        if act_order:  # a group's columns are scattered through the loop: fit all groups up front (static groups)
             for start in range(0, weight.shape[1], self.group_size):
                 span = slice(start, start + self.group_size)
                 params[start // self.group_size] = self._fit_stored(weight[:, span], importance[span])
