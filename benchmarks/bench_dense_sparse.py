@@ -17,36 +17,24 @@ import torch
 from torch import nn
 
 import reparam
-from reparam.bench import compare_latency
 from reparam.minilm import Harness
 
-from common import write_results
+from common import relative_latency, write_results
 
 RATIOS = (0.25, 0.5, 0.75)
 MINILM_SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (in, out)
 TOKENS = (1, 128)
 
 
-def relative_latency(method: str, ratio: float, shapes) -> dict[int, float]:
+def layer_latency(method: str, ratio: float, shapes) -> dict[int, float]:
     """Median over ``shapes`` of compressed / dense latency, per token count."""
-    relative = {}
-    for tokens in TOKENS:
-        ratios = []
-        for in_features, out_features in shapes:
-            dense = nn.Linear(in_features, out_features)
-            config = reparam.core.parse_config({"method": method, "size_ratio": ratio})
-            layer = random_layer(dense, config)
-            x = torch.randn(tokens, in_features)
-            times = compare_latency({"dense": lambda: dense(x), "compressed": lambda: layer(x)}, rounds=10)
-            ratios.append(times["compressed"] / times["dense"])
-        relative[tokens] = sorted(ratios)[len(ratios) // 2]
-    return relative
+    config = reparam.core.parse_config({"method": method, "size_ratio": ratio})
+    return relative_latency(lambda dense: random_layer(dense, config), shapes, TOKENS, rounds=10)
 
 
 def random_layer(dense: nn.Linear, config) -> nn.Module:
     """The compressed layer's skeleton with random contents: latency does not depend on the fit."""
-    wrapper = {"dense_sparse": reparam.DenseSparseLinear, "low_rank": reparam.LowRankLinear}[config.method]
-    layer = wrapper.empty_like(dense, config)
+    layer = reparam.core.get_method(config.method).restore(dense, config)
     with torch.no_grad():
         for name, tensor in layer.state_dict().items():
             if name == "indices":
@@ -67,8 +55,8 @@ def main() -> None:
             report = reparam.convert(model, {harness.layers: {"method": method, "size_ratio": ratio}},
                                      calib=harness.calib, progress=False)
             seconds = time.perf_counter() - start
-            minilm = relative_latency(method, ratio, MINILM_SHAPES)
-            large = relative_latency(method, ratio, ((4096, 4096),))
+            minilm = layer_latency(method, ratio, MINILM_SHAPES)
+            large = layer_latency(method, ratio, ((4096, 4096),))
             rows.append({"method": method, "size_ratio": ratio,
                          "fidelity": round(harness.fidelity(model), 4),
                          "bytes vs fp32": round(report.bytes_after / report.bytes_before, 4),

@@ -10,13 +10,11 @@ for MiniLM's three shapes, at 1 and 128 tokens, timed side by side.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import reparam
-from reparam.bench import compare_latency
 from reparam.minilm import Harness
 
-from common import write_results
+from common import relative_latency, write_results
 
 RATIOS = (0.25, 0.5, 0.75)
 FACTORIZERS = ("svd", "asvd", "whitened")
@@ -24,19 +22,10 @@ SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (in, out) of MiniLM's encoder
 TOKENS = (1, 128)
 
 
-def layer_latency(ratio: float) -> dict[str, float]:
-    """Median over MiniLM's shapes of compressed / dense latency, per token count."""
-    relative = {}
-    for tokens in TOKENS:
-        ratios = []
-        for in_features, out_features in SHAPES:
-            dense = nn.Linear(in_features, out_features)
-            low = reparam.LowRankLinear.from_linear(dense, reparam.LowRankConfig(size_ratio=ratio))
-            x = torch.randn(tokens, in_features)
-            times = compare_latency({"dense": lambda: dense(x), "low_rank": lambda: low(x)})
-            ratios.append(times["low_rank"] / times["dense"])
-        relative[tokens] = sorted(ratios)[len(ratios) // 2]
-    return relative
+def layer_latency(ratio: float) -> dict[int, float]:
+    """Median over MiniLM's shapes of LowRankLinear / nn.Linear latency, per token count."""
+    config = reparam.LowRankConfig(size_ratio=ratio)
+    return relative_latency(lambda dense: reparam.LowRankLinear.from_linear(dense, config), SHAPES, TOKENS)
 
 
 def main() -> None:

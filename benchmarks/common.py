@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: markdown tables and results on disk."""
+"""Shared by the benchmark scripts: layer latency, markdown tables and results on disk."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,27 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from reparam.bench import compare_latency
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def relative_latency(make_layer, shapes, tokens, **timing) -> dict[int, float]:
+    """Median over ``shapes`` ((in, out) pairs) of ``make_layer(dense)`` / dense
+    ``nn.Linear`` latency, timed side by side, for each token count."""
+    relative = {}
+    for count in tokens:
+        ratios = []
+        for in_features, out_features in shapes:
+            dense = nn.Linear(in_features, out_features)
+            layer = make_layer(dense)
+            x = torch.randn(count, in_features)
+            times = compare_latency({"dense": lambda: dense(x), "compressed": lambda: layer(x)}, **timing)
+            ratios.append(times["compressed"] / times["dense"])
+        relative[count] = sorted(ratios)[len(ratios) // 2]
+    return relative
 
 
 def commit() -> str:

@@ -20,14 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import reparam
-from reparam.minilm import Harness, embed
+from reparam.minilm import Harness, embed, mean_pool
 from reparam.progress import progress_bar
-
-
-def pooled(model, batch):
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
 def main() -> None:
@@ -59,7 +53,7 @@ def main() -> None:
     batches = itertools.cycle(zip(harness.calib, targets))
     for step in progress_bar(range(args.steps), desc="STF distillation", total=args.steps):
         batch, target = next(batches)
-        loss = (1 - F.cosine_similarity(pooled(model, batch), target, dim=-1)).mean()
+        loss = (1 - F.cosine_similarity(mean_pool(model, batch), target, dim=-1)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -88,15 +88,17 @@ def batches(texts: list[str], batch_size: int = 32, max_length: int = 128) -> li
             for i in range(0, len(texts), batch_size)]
 
 
+def mean_pool(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, hidden) float32 mean over each sentence's real tokens, as sentence-transformers pools them."""
+    hidden = model(**batch).last_hidden_state.float()  # (B, T, C)
+    mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
 def embed(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(N, hidden) float32 mean-pooled sentence embeddings, as sentence-transformers pools them."""
-    out = []
-    for batch in data:
-        hidden = model(**batch).last_hidden_state.float()  # (B, T, C)
-        mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-        out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1))
-    return torch.cat(out)
+    """(N, hidden) float32 mean-pooled sentence embeddings."""
+    return torch.cat([mean_pool(model, batch) for batch in data])
 
 
 def fidelity(model: nn.Module, reference: torch.Tensor, data: list[dict[str, torch.Tensor]]) -> float:
