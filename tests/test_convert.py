@@ -43,8 +43,8 @@ def assert_unchanged(model, before):
     ({"encoder.3": LR}, None, r"pattern 'encoder.3' matches no module; close module names: \['encoder.2', 'encoder.1', 'encoder.0'"),
     ({"encoder": LR}, None,
      r"pattern 'encoder' selects 1 module\(s\) of type \['Sequential'\], but method 'low_rank' supports only "
-     r"\['Linear'\]; select those layers, e.g. 'encoder.\*'"),
-    ({"norm": LR}, None, r"of type \['LayerNorm'\], but method 'low_rank' supports only \['Linear'\]"),
+     r"\['Linear', 'Conv1D'\]; select those layers, e.g. 'encoder.\*'"),
+    ({"norm": LR}, None, r"of type \['LayerNorm'\], but method 'low_rank' supports only \['Linear', 'Conv1D'\]"),
     ({"Linear": {"method": "nope"}}, None, r"unknown method 'nope'; known methods are"),
     ({"Linear": {"method": "low_rank", "rank": 4, "bits": 3}}, None, r"unknown key\(s\) \['bits'\]"),
     ({"Linear": {"method": "low_rank", "rank": 8}}, None,

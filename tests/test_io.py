@@ -110,7 +110,7 @@ def rewrite(path, out, *, drop=None, add=None, reshape=None, meta=None):
     (dict(meta={"reparam.modules": json.dumps({"decoder.0": {"method": "low_rank", "rank": 4}})}),
      "converts module 'decoder.0', which this model does not have"),
     (dict(meta={"reparam.modules": json.dumps({"encoder.1": {"method": "low_rank", "rank": 4}})}),
-     r"converts 'encoder.1' with 'low_rank', which supports \['Linear'\], but here it is a ReLU"),
+     r"converts 'encoder.1' with 'low_rank', which supports \['Linear', 'Conv1D'\], but here it is a ReLU"),
 ])
 def test_mismatched_file_raises_and_leaves_model_as_it_was(tmp_path, change, message):
     good = tmp_path / "good.safetensors"

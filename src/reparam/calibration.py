@@ -1,11 +1,13 @@
 """Per-layer input statistics from a few calibration batches, by forward hooks."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from .core.module import linear_shape
 from .core.stats import LayerStats
 from .progress import progress_bar
 
@@ -22,6 +24,103 @@ def run_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def batch_mask(batch: Any) -> torch.Tensor | None:
+    """The (B, T) ``attention_mask`` of a dict batch, if it has one."""
+    return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode, then give every submodule back its own
+    train/eval flag (not the root's: a frozen BatchNorm stays frozen)."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+class StatsCollector:
+    """Forward pre-hooks that accumulate the inputs of named layers into :class:`LayerStats`.
+
+    Layers that receive the very same input tensor in a forward pass (q/k/v
+    projections, gate/up) share one ``LayerStats`` object, accumulated once;
+    consumers treat statistics as read-only. Call :meth:`start_batch` before
+    each forward pass.
+
+    >>> with StatsCollector({"fc": model.fc}) as collector:
+    ...     collector.start_batch(); model(x)
+    >>> stats = collector.stats()
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.layers = dict(layers)
+        self._stats: dict[str, LayerStats] = {}
+        self._owners: set[str] = set()  # layers whose LayerStats they created (the others share one)
+        self._seen: dict[int, tuple[torch.Tensor, LayerStats]] = {}  # this batch: id(input) -> (input, its stats)
+        self._mask: torch.Tensor | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> "StatsCollector":
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def start_batch(self, mask: torch.Tensor | None = None) -> None:
+        """A new forward pass; ``mask`` (B, T) drops padded tokens from (B, T, in) inputs."""
+        self._seen.clear()
+        self._mask = mask
+
+    def _hook(self, name: str):
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            seen = self._seen.get(id(x))
+            shared = seen[1] if seen is not None and seen[0] is x else None
+            current = self._stats.get(name)
+            if current is None and shared is not None:  # first batch: the same input as an earlier layer
+                self._stats[name] = shared
+                return
+            if current is not None and current is shared:  # already accumulated by the layer it shares with
+                return
+            if current is not None and name not in self._owners:
+                raise RuntimeError(f"layer '{name}' read the same input tensor as another layer in the first "
+                                   "calibration batch but not in a later one; statistics cannot be shared")
+            if current is None:
+                current = self._stats[name] = LayerStats.empty(self._width(name, x))
+                self._owners.add(name)
+            self._seen.setdefault(id(x), (x, current))
+            current.add(self._unpadded(name, x))
+        return record
+
+    def _width(self, name: str, x: torch.Tensor) -> int:
+        width = linear_shape(self.layers[name])[0]
+        if x.shape[-1] != width:
+            raise ValueError(f"layer '{name}' takes inputs of width {width}, but calibration fed it "
+                             f"{tuple(x.shape)}; pass calib batches the model itself accepts")
+        return width
+
+    def _unpadded(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            x = x[mask.to(x.device).bool()]  # (tokens, in)
+        return x
+
+    def stats(self) -> dict[str, LayerStats]:
+        """name -> statistics; raises if some layer never ran."""
+        empty = [name for name in self.layers if name not in self._stats or self._stats[name].count == 0]
+        if empty:
+            raise RuntimeError(f"calibration never reached {empty[:5]}{'...' if len(empty) > 5 else ''}; "
+                               "check that calib holds inputs the model's forward actually runs these layers on")
+        return dict(self._stats)
+
+
 def collect_stats(model: nn.Module, calib: Iterable[Any], layers: Mapping[str, nn.Module], *,
                   progress: bool = True) -> dict[str, LayerStats]:
     """Run ``calib`` through ``model`` once, in eval mode under no_grad, and
@@ -29,42 +128,14 @@ def collect_stats(model: nn.Module, calib: Iterable[Any], layers: Mapping[str, n
 
     When a batch is a dict with an ``attention_mask`` of shape (B, T), inputs
     of shape (B, T, in) are reduced to the unmasked tokens, so padding does not
-    pollute the statistics.
+    pollute the statistics. Layers fed the same tensor share one ``LayerStats``.
+    Every submodule keeps its own train/eval flag.
     """
-    stats = {name: LayerStats.empty(_in_features(module)) for name, module in layers.items()}
-    mask: list[torch.Tensor | None] = [None]
-
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
-                x = x[mask[0].to(x.device).bool()]
-            stats[name].add(x)
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in progress_bar(calib, desc="calibrating", disable=not progress):
-                mask[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                run_model(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    empty = [name for name, s in stats.items() if s.count == 0]
-    if empty:
-        raise RuntimeError(f"calibration never reached {empty[:5]}{'...' if len(empty) > 5 else ''}; "
-                           "check that calib holds inputs the model's forward actually runs these layers on")
-    return stats
-
-
-def _in_features(module: nn.Module) -> int:
-    if hasattr(module, "in_features"):
-        return module.in_features
-    return module.weight.shape[1]
+    with eval_mode(model), torch.no_grad(), StatsCollector(layers) as collector:
+        for batch in progress_bar(calib, desc="calibrating", disable=not progress):
+            collector.start_batch(batch_mask(batch))
+            run_model(model, batch)
+    return collector.stats()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -75,4 +146,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-

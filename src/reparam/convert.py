@@ -9,15 +9,13 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .calibration import collect_stats
 from .core.config import ConfigError, MethodConfig
-from .core.module import state_nbytes, state_numel
+from .core.module import linear_shape
 from .core.registry import Method, get_method, parse_config
 from .core.stats import LayerStats
-from .progress import progress_bar
+from .pipeline import run_pipeline
 from .recipe import RecipeLike, Rule, parse_recipe
-from .report import ConversionReport, LayerReport
-from .swap import ModuleSwaps
+from .report import ConversionReport
 
 
 @dataclasses.dataclass
@@ -26,15 +24,19 @@ class Planned:
     module: nn.Module
     method: Method
     config: MethodConfig
+    aliases: tuple[str, ...] = ()  # other names the same module is registered under; converted with it
 
 
 def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = None, *,
-            strict: bool = True, progress: bool = True) -> ConversionReport:
+            strict: bool = True, progress: bool = True, pipeline: str = "auto",
+            sequential_targets: str | None = None) -> ConversionReport:
     """Reparameterize the modules of ``model`` that ``recipe`` selects, in place.
 
     Everything is validated before the model is touched: the recipe, every
     match, every layer's shape and weights, and the need for calibration
-    data. A failure at any point leaves the model exactly as it was.
+    data. A failure at any point, Ctrl-C included, leaves the model exactly as
+    it was; every submodule keeps its own train/eval flag, and a new module
+    takes its predecessor's.
 
     Args:
         model: any ``nn.Module``; converted layers keep their device and dtype.
@@ -44,6 +46,16 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
             accumulated, never the activations.
         strict: a rule that selects no supported module is an error (else a warning).
         progress: show progress bars.
+        pipeline: how calibrated layers are converted (see :mod:`reparam.pipeline`).
+            "sequential": block by block, each block calibrated on the outputs
+            of the already converted blocks before it, holding one block's
+            statistics at a time; "one_pass": every layer calibrated at once on
+            the unconverted model; "auto" (default): sequential when the model
+            has a stack of repeated blocks (e.g. a ModuleList of decoder
+            layers) holding calibrated layers, else one pass.
+        sequential_targets: the block stack for sequential conversion, as a
+            ModuleList's path (``"model.layers"``) or the blocks' class name
+            (``"LlamaDecoderLayer"``); default: found automatically.
 
     Returns:
         A :class:`ConversionReport`; ``print(report)`` shows a table with totals.
@@ -52,11 +64,14 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
         >>> report = reparam.convert(model, {"encoder.*": {"method": "low_rank", "size_ratio": 0.5}},
         ...                          calib=batches)
     """
-    plan = plan_conversion(model, parse_recipe(recipe), strict=strict)
+    rules = parse_recipe(recipe)
+    plan = plan_conversion(model, rules, strict=strict)
+    _check_not_meta(plan)
     _check_calibration(plan, calib)
-    wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
-    stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
-    return _swap_all(model, _resolve(plan, stats, progress=progress), stats, progress=progress)
+    untouched = _untouched(model, rules, plan)
+    rows = run_pipeline(model, plan, calib, _resolve, pipeline=pipeline, sequential_targets=sequential_targets,
+                        progress=progress)
+    return ConversionReport(rows, untouched=untouched)
 
 
 def apply(module: nn.Module, config: MethodConfig | dict, stats: LayerStats | None = None) -> nn.Module:
@@ -85,7 +100,8 @@ def plan_conversion(model: nn.Module, rules: list[Rule], *, strict: bool = True)
     class) and its method supports the module's type; ``None`` rules take
     every match. A rule that can take nothing is an error under ``strict``.
     """
-    modules = dict(model.named_modules())
+    # Every name, aliases included, so that a module registered twice can be selected by either name.
+    modules = dict(model.named_modules(remove_duplicate=False))
     modules.pop("", None)  # the root cannot be swapped in place
     plan: list[Planned] = []
     hits: list[list[str]] = [[] for _ in rules]
@@ -104,9 +120,90 @@ def plan_conversion(model: nn.Module, rules: list[Rule], *, strict: bool = True)
     for i, rule in enumerate(rules):
         if eligible[i] == 0:
             _unmatched(rule, hits[i], modules, strict)
+    plan = _tied(_aliased(plan, modules), model)
     for item in plan:
         _check_module(item)
     return plan
+
+
+def _aliased(plan: list[Planned], modules: dict[str, nn.Module]) -> list[Planned]:
+    """One plan item per module object: a module registered under several names
+    is converted once, and every name then holds the new module."""
+    names: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        names.setdefault(id(module), []).append(name)
+    planned = {p.name: p for p in plan}
+    merged: list[Planned] = []
+    done: set[int] = set()
+    for item in plan:
+        all_names = names[id(item.module)]
+        if id(item.module) in done:
+            continue
+        done.add(id(item.module))
+        if len(all_names) > 1:
+            others = [n for n in all_names if n != item.name]
+            differ = [n for n in others if n not in planned or planned[n].config != item.config]
+            if differ:
+                raise ConfigError(
+                    f"module '{item.name}' is also registered as '{differ[0]}' (one module under two names), "
+                    f"and the recipe converts it as '{item.name}' but not the same way as '{differ[0]}'; "
+                    f"give both names the same rule, or exclude both")
+            item = dataclasses.replace(item, aliases=tuple(others))
+        merged.append(item)
+    return merged
+
+
+def _tied(plan: list[Planned], model: nn.Module) -> list[Planned]:
+    """Layers whose weight Parameter another module shares (e.g. an lm_head tied
+    to the embedding) are left alone: a compression method would store the
+    weight twice and untie it (a warning says so), an in-place method would
+    change the other module too (an error)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append((name, module))
+    kept = []
+    for item in plan:
+        weight = item.module._parameters.get("weight")
+        sharers = [n for n, m in owners.get(id(weight), []) if m is not item.module] if weight is not None else []
+        if not sharers:
+            kept.append(item)
+        elif item.method.undo is not None:
+            raise ConfigError(
+                f"layer '{item.name}' shares its weight with '{sharers[0]}' (tied weights); '{item.method.name}' "
+                f"changes the weight in place and would change '{sharers[0]}' too. Exclude it (add a rule "
+                f"'{item.name}': None before this one), or untie the weights first")
+        else:
+            warnings.warn(
+                f"layer '{item.name}' shares its weight with '{sharers[0]}' (tied weights); '{item.method.name}' "
+                f"would store a second copy and untie them, so '{item.name}' is left as it is. "
+                f"Add a rule '{item.name}': None to silence this", stacklevel=4)
+    return kept
+
+
+def _check_not_meta(plan: list[Planned]) -> None:
+    on_meta = [p.name for p in plan if any(t.device.type == "meta" for t in p.module.parameters())]
+    if on_meta:
+        raise ConfigError(
+            f"layer '{on_meta[0]}' (and {len(on_meta) - 1} more) is on the meta device: it has no weights to "
+            "convert. Load the weights first (e.g. from_pretrained, or to_empty() then load_state_dict); "
+            "to rebuild a model saved after conversion, use reparam.load")
+
+
+def _untouched(model: nn.Module, rules: list[Rule], plan: list[Planned]) -> dict[str, int]:
+    """Per type, how many modules that the recipe's methods support it leaves unconverted."""
+    methods = {get_method(r.config.method).name: get_method(r.config.method) for r in rules if r.config is not None}
+    converted = {id(p.module) for p in plan}
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if id(module) not in converted and any(m.supports(module) for m in methods.values()):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    if counts.get("Conv1D") and any(p.text == "Linear" for r in rules for p in r.targets):
+        warnings.warn(f"the rule for class 'Linear' left {counts['Conv1D']} transformers Conv1D layer(s) "
+                      "untouched (Linear layers with a transposed weight, as in GPT-2); select them with "
+                      "'Conv1D' or by name", stacklevel=3)
+    return counts
 
 
 def _unmatched(rule: Rule, hits: list[str], modules: dict[str, nn.Module], strict: bool) -> None:
@@ -131,7 +228,7 @@ def _check_module(item: Planned) -> None:
         raise ConfigError(f"layer '{item.name}' has no weight for '{item.method.name}' to reparameterize; "
                           "exclude it from the recipe")
     if isinstance(weight, torch.Tensor):
-        out_features, in_features = weight.shape[0], weight.reshape(weight.shape[0], -1).shape[1]
+        in_features, out_features = linear_shape(item.module)
         item.config.check_layer(item.name, in_features, out_features)
         item.config.check_weight(item.name, weight)
         if weight.device.type != "meta" and not torch.isfinite(weight).all():
@@ -160,19 +257,3 @@ def _resolve(plan: list[Planned], stats: dict[str, LayerStats], *, progress: boo
         layers = {p.name: (p.module, stats.get(p.name)) for p in items}
         resolved.update(items[0].config.resolve(layers, progress=progress))
     return [dataclasses.replace(p, config=resolved[p.name]) for p in plan]
-
-
-def _swap_all(model: nn.Module, plan: list[Planned], stats: dict[str, LayerStats], *,
-              progress: bool) -> ConversionReport:
-    rows: list[LayerReport] = []
-    with ModuleSwaps(model) as swaps:
-        for item in progress_bar(plan, desc="converting", disable=not progress, total=len(plan)):
-            layer_stats = stats.pop(item.name, None)  # freed as we go
-            before_numel, before_bytes = state_numel(item.module), state_nbytes(item.module)
-            original = item.module.weight.detach().clone() if layer_stats is not None else None
-            new = swaps.swap(item.name, item.method,
-                             lambda old: item.method.apply(old, item.config, layer_stats))
-            error = layer_stats.output_error(original, new.weight) if layer_stats is not None else None
-            rows.append(LayerReport(item.name, item.method.name, before_numel, state_numel(new),
-                                    before_bytes, state_nbytes(new), error))
-    return ConversionReport(rows)

@@ -18,6 +18,8 @@ class LayerReport:
 @dataclasses.dataclass(frozen=True)
 class ConversionReport:
     layers: list[LayerReport]
+    # Per module type, how many modules the recipe's methods support were left unconverted.
+    untouched: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes_before(self) -> int:
@@ -37,7 +39,8 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         return {"layers": [dataclasses.asdict(r) for r in self.layers],
-                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "untouched": dict(self.untouched)}
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.layers] + [len("total")])
@@ -51,6 +54,9 @@ class ConversionReport:
         mean_error = sum(errors) / len(errors) if errors else None
         lines.append(_row("total", f"{len(self.layers)} layers", self.params_before, self.params_after,
                           self.bytes_before, self.bytes_after, mean_error, width))
+        if self.untouched:
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.untouched.items()))
+            lines.append(f"left untouched (supported by the recipe's methods, not selected): {counts}")
         return "\n".join(lines)
 
 

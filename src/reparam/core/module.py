@@ -34,20 +34,24 @@ class ReparamModule(nn.Module, abc.ABC):
                      if bias else None)
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, config: MethodConfig):
-        """The skeleton that ``linear`` would be converted into, with uninitialized θ."""
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, config,
+    def empty_like(cls, linear: nn.Module, config: MethodConfig):
+        """The skeleton that ``linear`` (an ``nn.Linear`` or a transformers ``Conv1D``)
+        would be converted into, with uninitialized θ."""
+        in_features, out_features = linear_shape(linear)
+        return cls(in_features, out_features, linear.bias is not None, config,
                    device=linear.weight.device, dtype=linear.weight.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: MethodConfig, stats: LayerStats | None = None):
+    def from_linear(cls, linear: nn.Module, config: MethodConfig, stats: LayerStats | None = None):
         """Fit θ to ``linear``'s weight (and ``stats``, for data-aware configs).
 
-        Fitting runs in float64 on CPU; θ is stored in the layer's dtype on its device.
+        ``linear`` is an ``nn.Linear`` or a transformers ``Conv1D`` (same map,
+        weight stored transposed). Fitting runs in float64 on CPU; θ is stored
+        in the layer's dtype on its device.
         """
         module = cls.empty_like(linear, config)
         with torch.no_grad():
-            module.fit(linear.weight.detach().to("cpu", torch.float64), stats)
+            module.fit(linear_weight(linear).detach().to("cpu", torch.float64), stats)
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
         return module
@@ -84,6 +88,30 @@ class ReparamModule(nn.Module, abc.ABC):
         fields = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if k != "method")
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {fields}")
+
+
+# transformers' GPT-2 style linear layer: y = x @ W + b with W stored (in, out).
+# Matched by name so that reparam never imports transformers.
+CONV1D = ("transformers.pytorch_utils", "Conv1D")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == CONV1D
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a layer's weight read as a linear map: ``nn.Linear`` stores
+    (out, in), ``Conv1D`` (in, out); conv kernels flatten to (out, in·k…)."""
+    weight = module.weight
+    if is_conv1d(module):
+        return weight.shape[0], weight.shape[1]
+    return weight.reshape(weight.shape[0], -1).shape[1], weight.shape[0]
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an ``nn.Linear`` or ``Conv1D`` (a transposed view for Conv1D)."""
+    return module.weight.T if is_conv1d(module) else module.weight
 
 
 def state_nbytes(module: nn.Module) -> int:

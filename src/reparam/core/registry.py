@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from .config import ConfigError, MethodConfig
-from .module import ReparamModule
+from .module import ReparamModule, is_conv1d
 from .stats import LayerStats
 
 Apply = Callable[[nn.Module, MethodConfig, "LayerStats | None"], nn.Module]
@@ -35,15 +35,18 @@ class Method:
     apply: Apply
     restore: Callable[[nn.Module, MethodConfig], nn.Module]
     undo: Callable[[nn.Module], None] | None = None
+    # Also takes transformers' Conv1D (a Linear with its weight stored (in, out));
+    # matched by class name, so transformers is never imported here.
+    conv1d: bool = False
 
     def supports(self, module: nn.Module) -> bool:
         # Exact types only, so a converted wrapper or a subclass with its own
         # forward is never mistaken for the plain layer it resembles.
-        return type(module) in self.targets
+        return type(module) in self.targets or (self.conv1d and is_conv1d(module))
 
     @property
     def target_names(self) -> list[str]:
-        return [t.__name__ for t in self.targets]
+        return [t.__name__ for t in self.targets] + (["Conv1D"] if self.conv1d else [])
 
 
 _METHODS: dict[str, Method] = {}
@@ -61,9 +64,11 @@ def register(method: Method) -> Method:
 
 
 def register_wrapper(config: type[MethodConfig], targets: tuple[type[nn.Module], ...] = (nn.Linear,)):
-    """Class decorator registering a :class:`ReparamModule` under ``config.method``."""
+    """Class decorator registering a :class:`ReparamModule` under ``config.method``;
+    it takes ``targets`` and transformers' ``Conv1D``."""
     def decorate(cls: type[ReparamModule]) -> type[ReparamModule]:
-        register(Method(config.method, config, targets, apply=cls.from_linear, restore=cls.empty_like))
+        register(Method(config.method, config, targets, apply=cls.from_linear, restore=cls.empty_like,
+                        conv1d=True))
         return cls
     return decorate
 

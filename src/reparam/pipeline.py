@@ -1,0 +1,251 @@
+"""How ``convert`` walks a model once the plan is made: calibrate, resolve,
+fit and swap, either for all layers at once ("one_pass") or one repeated
+block at a time ("sequential", GPTQ's and llm-compressor's pipeline).
+
+Sequential: the inputs of the first block of the model's block stack (e.g.
+the ``nn.ModuleList`` of decoder layers) are captured once, with the keyword
+arguments each block gets (attention mask, position embeddings, ...); then for
+each block only its target layers' statistics are collected, they are fitted
+and swapped, and the converted block is run to make the next block's inputs,
+so every layer is calibrated on what the compressed model really feeds it.
+Layers outside the stack (an embedding projection, a classifier) are
+calibrated in one final pass over the converted model. Peak memory: the
+model, the cached block inputs and one block's statistics.
+
+One pass is the case of a single stage holding every layer: statistics of all
+target layers are collected together from the unconverted model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .calibration import StatsCollector, batch_mask, collect_stats, eval_mode, run_model
+from .core.config import ConfigError
+from .core.module import linear_weight, state_nbytes, state_numel
+from .core.stats import LayerStats
+from .progress import progress_bar
+from .report import LayerReport
+from .swap import ModuleSwaps
+
+PIPELINES = ("auto", "sequential", "one_pass")
+# Block arguments that would make a block keep a KV cache across calibration batches.
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+# plan items (convert.Planned), statistics -> plan items with per-layer configs (convert._resolve)
+Resolve = Callable[..., list]
+
+
+@dataclasses.dataclass
+class BlockCall:
+    """One block's arguments for one calibration batch; ``args[0]`` is the hidden state."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    mask: torch.Tensor | None  # (B, T) attention mask of the batch, to drop padding from statistics
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the last block's inputs are recorded."""
+
+
+def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, resolve: Resolve, *,
+                 pipeline: str = "auto", sequential_targets: str | None = None,
+                 progress: bool = True) -> list[LayerReport]:
+    """Fit and swap every item of ``plan`` (all or nothing) and return its report rows, in plan order.
+
+    ``pipeline``: "sequential" needs calibration data and a block stack (found
+    automatically, or named by ``sequential_targets``: a ModuleList's path or
+    the blocks' class name); "one_pass" calibrates every layer at once on the
+    unconverted model; "auto" is sequential when calibration is used and a
+    block stack holds calibrated layers, else one pass.
+    """
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"pipeline={pipeline!r} is not one of {list(PIPELINES)}")
+    calibrated = calib is not None and any(p.config.uses_calibration() for p in plan)
+    blocks = []
+    if pipeline != "one_pass" and calibrated:
+        blocks = find_blocks(model, {p.name for p in plan if p.config.uses_calibration()}, sequential_targets)
+    if pipeline == "sequential" and not blocks:
+        reason = ("needs calibration data (calib=) and a config that uses it" if not calibrated else
+                  "found no stack of repeated blocks holding calibrated layers; name it with "
+                  "sequential_targets='<ModuleList path or block class>'")
+        raise ConfigError(f"pipeline='sequential' {reason}, or use pipeline='one_pass'")
+    rows: list[LayerReport] = []
+    with ModuleSwaps(model) as swaps, eval_mode(model):
+        if blocks:
+            _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress)
+        else:
+            _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress)
+    order = {p.name: i for i, p in enumerate(plan)}
+    return sorted(rows, key=lambda r: order[r.name])
+
+
+def find_blocks(model: nn.Module, layer_names: set[str], targets: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's stack of repeated blocks, in order: (name, block) pairs.
+
+    Without ``targets``: the ``nn.ModuleList`` / ``nn.Sequential`` of blocks of
+    one class that holds the most of ``layer_names``; none when no such list
+    holds any. ``targets`` names a ModuleList's path, or the blocks' class name
+    (all outermost modules of that class, in registration order).
+    """
+    if targets is not None:
+        blocks = _named_blocks(model, targets)
+    else:
+        best, best_count = [], 0
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+                continue
+            children = [(f"{name}.{i}" if name else i, child) for i, child in module.named_children()]
+            if len({type(child) for _, child in children}) != 1:
+                continue
+            count = sum(_inside(layer, prefix) for prefix, _ in children for layer in layer_names)
+            if count > best_count:
+                best, best_count = children, count
+        blocks = best
+    return [(str(name), block) for name, block in blocks]
+
+
+def _named_blocks(model: nn.Module, targets: str) -> list[tuple[str, nn.Module]]:
+    modules = dict(model.named_modules())
+    if targets in modules and isinstance(modules[targets], (nn.ModuleList, nn.Sequential)):
+        return [(f"{targets}.{i}" if targets else i, child) for i, child in modules[targets].named_children()]
+    blocks: list[tuple[str, nn.Module]] = []
+    for name, module in modules.items():
+        if type(module).__name__ == targets and not any(_inside(name, outer) for outer, _ in blocks):
+            blocks.append((name, module))
+    if not blocks:
+        raise ConfigError(f"sequential_targets={targets!r} is neither a ModuleList in the model nor the "
+                          "class name of any of its modules; name e.g. 'model.layers' or 'LlamaDecoderLayer'")
+    return blocks
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+def _one_pass(model, plan, calib, resolve, swaps, rows, progress) -> None:
+    wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
+    stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
+    fit_and_swap(swaps, resolve(plan, stats, progress=progress), stats, rows, progress=progress)
+
+
+def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress) -> None:
+    stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
+    staged = {id(p) for stage in stages for p in stage}
+    outside = [p for p in plan if id(p) not in staged]
+    calls = capture_block_inputs(model, batches, [block for _, block in blocks])
+    hidden = [call[0].args[0] for call in calls]  # (B, T, hidden) per batch, the first block's input
+    for call in calls:
+        call[0].args[0] = None  # held once, in `hidden`
+    for i, ((_, block), items) in enumerate(progress_bar(list(zip(blocks, stages)), desc="converting blocks",
+                                                          disable=not progress)):
+        wanted = {p.name: p.module for p in items if p.config.uses_calibration()}
+        stats: dict[str, LayerStats] = {}
+        if wanted:
+            with torch.no_grad(), StatsCollector(wanted) as collector:
+                for x, call in zip(hidden, calls):
+                    collector.start_batch(call[i].mask)
+                    _run_block(block, x, call[i])
+            stats = collector.stats()
+        fit_and_swap(swaps, resolve(items, stats, progress=False), stats, rows, progress=False)
+        del stats  # this block's statistics are freed before the next block's are collected
+        if i + 1 < len(blocks):
+            with torch.no_grad():
+                hidden = [_hidden(_run_block(block, x, call[i])) for x, call in zip(hidden, calls)]
+    del hidden, calls
+    if outside:
+        _one_pass(model, outside, batches, resolve, swaps, rows, progress)
+
+
+def capture_block_inputs(model: nn.Module, batches: list[Any], blocks: list[nn.Module]) -> list[list[BlockCall]]:
+    """Per batch, the arguments each block is called with, from one forward pass
+    of the model stopped after the last block's inputs are known.
+
+    Only the first block keeps its hidden state; the others' are recomputed by
+    the pipeline. A cache argument (``past_key_values``, ...) is set to None and
+    ``use_cache`` to False, so blocks can be rerun without growing a KV cache.
+    """
+    current: list[BlockCall] = []
+
+    def hook(index: int):
+        def capture(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            if len(current) != index:
+                raise ConfigError(f"sequential conversion needs every block to run once per forward, in "
+                                  f"order; block {index} ran after {len(current)} block(s). Use pipeline='one_pass'")
+            if not args:
+                raise ConfigError("sequential conversion needs each block's hidden state as its first positional "
+                                  "argument; use pipeline='one_pass'")
+            args, kwargs = _without_cache(block, args, kwargs)
+            if index > 0:
+                args[0] = None  # recomputed from the converted previous block
+            current.append(BlockCall(args, kwargs, None))
+            if index == len(blocks) - 1:
+                raise _StopForward
+        return capture
+
+    handles = [block.register_forward_pre_hook(hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    calls: list[list[BlockCall]] = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current = []
+                try:
+                    run_model(model, batch)
+                except _StopForward:
+                    pass
+                if len(current) != len(blocks):
+                    raise ConfigError(f"calibration reached {len(current)} of the {len(blocks)} blocks; "
+                                      "use pipeline='one_pass'")
+                mask = batch_mask(batch)
+                for call in current:
+                    call.mask = mask
+                calls.append(current)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _without_cache(block: nn.Module, args: tuple, kwargs: dict) -> tuple[list[Any], dict[str, Any]]:
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = positional[:len(args)] + [None] * (len(args) - len(positional))
+    args = [_no_cache(name, value) for name, value in zip(names, args)]
+    return args, {name: _no_cache(name, value) for name, value in kwargs.items()}
+
+
+def _no_cache(name: str | None, value: Any) -> Any:
+    if name in CACHE_ARGUMENTS:
+        return None
+    return False if name == "use_cache" and value is not None else value
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> Any:
+    return block(hidden, *call.args[1:], **call.kwargs)
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], rows: list[LayerReport], *,
+                 progress: bool) -> None:
+    """Fit each plan item, swap it in, and append its report row. Each layer's
+    statistics are released as soon as it is fitted (shared ones with their last reader)."""
+    for item in progress_bar(items, desc="converting", disable=not progress, total=len(items)):
+        layer_stats = stats.pop(item.name, None)
+        before_numel, before_bytes = state_numel(item.module), state_nbytes(item.module)
+        original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
+        new = swaps.swap(item.name, item.method, lambda old: item.method.apply(old, item.config, layer_stats),
+                         aliases=item.aliases)
+        error = layer_stats.output_error(original, new.weight) if layer_stats is not None else None
+        rows.append(LayerReport(item.name, item.method.name, before_numel, state_numel(new),
+                                before_bytes, state_nbytes(new), error))
