@@ -136,6 +136,8 @@ def _one_pass(model, plan, calib, resolve, swaps, rows, progress) -> None:
 
 def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress) -> None:
     stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
+    last = max(i for i, stage in enumerate(stages) if stage)
+    blocks, stages = blocks[:last + 1], stages[:last + 1]  # the blocks after the last target need no pass
     staged = {id(p) for stage in stages for p in stage}
     outside = [p for p in plan if id(p) not in staged]
     calls = capture_block_inputs(model, batches, [block for _, block in blocks])
