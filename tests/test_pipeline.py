@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -224,3 +226,18 @@ def test_module_under_two_names_is_converted_once_for_both():
     with pytest.raises(ConfigError, match=r"module 'body' is also registered as 'alias' \(one module under two "
                                           r"names\), and the recipe converts it as 'body' but not the same way"):
         reparam.convert(Tied(), {"body": {"method": "low_rank", "rank": 2}}, progress=False)
+
+
+def test_statistics_are_freed_as_soon_as_their_layers_are_fitted(monkeypatch):
+    seen, alive = [], []
+    fit = LowRankLinear.fit
+
+    def spy(self, weight, stats):
+        alive.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(stats))
+        fit(self, weight, stats)
+
+    monkeypatch.setattr(LowRankLinear, "fit", spy)
+    reparam.convert(Stack(), {"blocks.*": WHITENED}, calib=calib(), progress=False)
+    # q, k, v share one LayerStats (alive until v is fitted); out has its own; nothing outlives its block
+    assert alive == [0, 1, 2, 0] * 3

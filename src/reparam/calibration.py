@@ -113,12 +113,14 @@ class StatsCollector:
         return x
 
     def stats(self) -> dict[str, LayerStats]:
-        """name -> statistics; raises if some layer never ran."""
+        """name -> statistics, handed over (the collector keeps no reference, so the
+        caller frees each as it goes); raises if some layer never ran."""
         empty = [name for name in self.layers if name not in self._stats or self._stats[name].count == 0]
         if empty:
             raise RuntimeError(f"calibration never reached {empty[:5]}{'...' if len(empty) > 5 else ''}; "
                                "check that calib holds inputs the model's forward actually runs these layers on")
-        return dict(self._stats)
+        stats, self._stats = self._stats, {}
+        return stats
 
 
 def collect_stats(model: nn.Module, calib: Iterable[Any], layers: Mapping[str, nn.Module], *,
