@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import integrations
 from .calibration import collect_stats
 from .core.config import ConfigError, MethodConfig
 from .core.module import state_nbytes, state_numel
@@ -56,7 +57,9 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     _check_calibration(plan, calib)
     wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
     stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
-    return _swap_all(model, _resolve(plan, stats, progress=progress), stats, progress=progress)
+    report = _swap_all(model, _resolve(plan, stats, progress=progress), stats, progress=progress)
+    integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
+    return report
 
 
 def apply(module: nn.Module, config: MethodConfig | dict, stats: LayerStats | None = None) -> nn.Module:
