@@ -17,7 +17,7 @@ base model is needed. When this module gets imported: see
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
@@ -82,8 +82,9 @@ class ReparamHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         # The model is an empty skeleton here (on the meta device): restore only builds structure.
         modules = dict(model.named_modules())
+        configs = self.quantization_config.module_configs()
         with ModuleSwaps(model) as swaps:
-            for name, config in self.quantization_config.module_configs().items():
+            for name, config in configs.items():
                 method = get_method(config.method)
                 if name not in modules or not method.supports(modules[name]):
                     found = type(modules[name]).__name__ if name in modules else "no such module"
@@ -91,6 +92,7 @@ class ReparamHfQuantizer(HfQuantizer):
                                      f"{method.target_names}), but this {type(model).__name__} has "
                                      f"{found} there; load it with the architecture that was saved")
                 swaps.swap(name, method, lambda old: method.restore(old, config))
+        _untie(model, configs)
         return model
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel):
@@ -131,7 +133,19 @@ def attach(model: PreTrainedModel) -> None:
     loaded by ``from_pretrained`` already is. ``convert`` and ``load`` call it."""
     register()
     config = ReparamQuantizationConfig.from_model(model)
+    _untie(model, config.modules)
     model.config.quantization_config = config
     model.hf_quantizer = ReparamHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+
+
+def _untie(model: PreTrainedModel, converted: Iterable[str]) -> None:
+    """Drop the weight ties that involve a converted module (e.g. a compressed
+    ``lm_head`` tied to the input embedding): its weight is its own θ now, and
+    transformers would otherwise tie a dense tensor onto it when loading."""
+    prefixes = tuple(f"{name}." for name in converted)
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(ties.items()):
+        if target.startswith(prefixes) or source.startswith(prefixes):
+            del ties[target]
