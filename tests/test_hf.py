@@ -86,6 +86,14 @@ def test_llama_round_trip_is_exact_from_the_folder_alone(saved_llama):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the tie the recipe left alone
 
 
+def test_sharded_checkpoint_as_push_to_hub_writes_it(saved_llama, tmp_path):
+    # push_to_hub uploads what save_pretrained(tmp, max_shard_size=...) writes.
+    model, _, _ = saved_llama
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), logits(model))
+
+
 def test_llama_checkpoint_has_the_compressed_size_and_the_recipe(saved_llama):
     model, folder, dense = saved_llama
     stored = stored_bytes(folder / "model.safetensors")
