@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -156,6 +157,34 @@ def test_a_compressed_tied_lm_head_is_untied(tmp_path):
     # Its own factors, not the dense input embedding tied onto it.
     assert isinstance(loaded.lm_head, reparam.LowRankLinear) and "lm_head.weight" not in loaded.all_tied_weights_keys
     assert torch.equal(logits(loaded), logits(model))
+
+
+def test_a_model_dequantized_from_gguf_saves_as_a_reparam_model(tmp_path):
+    from transformers import GgufConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    model = tiny_llama()
+    model.hf_quantizer = AutoHfQuantizer.from_config(GgufConfig())  # as from_pretrained(gguf_file=...) leaves it
+    reparam.convert(model, {"model.layers.0.mlp.*": {"method": "low_rank", "rank": 8}}, progress=False)
+    model.save_pretrained(tmp_path)  # GGUF's quantizer refuses to save; the weights were dequantized on load
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), logits(model))
+
+
+def test_a_model_quantized_by_another_method_is_left_alone_with_a_warning():
+    model = tiny_llama()
+    other = types.SimpleNamespace(quantization_config=types.SimpleNamespace(quant_method="bitsandbytes_4bit"))
+    model.hf_quantizer = other
+    with pytest.warns(UserWarning, match="also quantized with 'bitsandbytes_4bit'.*Save it with reparam.save"):
+        reparam.convert(model, {"model.layers.0.mlp.*": {"method": "low_rank", "rank": 8}}, progress=False)
+    assert model.hf_quantizer is other and not hasattr(model.config, "quantization_config")
+
+
+def test_transformers_trainer_accepts_converted_models(saved_llama):
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, _, _ = saved_llama
+    assert model.is_quantized
+    validate_quantization_for_training(model)  # raises for quantized models that cannot train
 
 
 def test_reparam_save_and_load_keep_working_on_transformers_models(saved_llama, tmp_path):

@@ -17,6 +17,7 @@ base model is needed. When this module gets imported: see
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable
 
 from torch import nn
@@ -28,12 +29,15 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..core.config import MethodConfig
 from ..core.registry import get_method, parse_config
 from ..io import FORMAT_VERSION, converted_modules
+from ..io import _check_targets as check_targets  # the checks reparam.load makes
 from ..swap import ModuleSwaps
 
 if TYPE_CHECKING:  # at registration time transformers.modeling_utils may still be importing
     from transformers.modeling_utils import PreTrainedModel
 
 QUANT_METHOD = "reparam"
+# Loaded as plain dense weights (GGUF is dequantized by from_pretrained): a converted model is a reparam model.
+DEQUANTIZED_ON_LOAD = ("gguf",)
 
 
 class ReparamQuantizationConfig(QuantizationConfigMixin):
@@ -47,10 +51,10 @@ class ReparamQuantizationConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, modules: dict[str, dict[str, Any]], format_version: int = FORMAT_VERSION,
-                 quant_method: str = QUANT_METHOD, **unused: Any):
+                 quant_method: str = QUANT_METHOD):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"a ReparamQuantizationConfig needs quant_method '{QUANT_METHOD}', got '{quant_method}'")
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if format_version > FORMAT_VERSION:
             raise ValueError(f"this checkpoint's reparam format version {format_version!r} is newer than this "
                              f"reparam's {FORMAT_VERSION}; upgrade reparam to load it")
         self.quant_method = QUANT_METHOD
@@ -81,16 +85,11 @@ class ReparamHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         # The model is an empty skeleton here (on the meta device): restore only builds structure.
-        modules = dict(model.named_modules())
         configs = self.quantization_config.module_configs()
+        check_targets(model, configs)
         with ModuleSwaps(model) as swaps:
             for name, config in configs.items():
                 method = get_method(config.method)
-                if name not in modules or not method.supports(modules[name]):
-                    found = type(modules[name]).__name__ if name in modules else "no such module"
-                    raise ValueError(f"the checkpoint converts '{name}' with '{method.name}' (which supports "
-                                     f"{method.target_names}), but this {type(model).__name__} has "
-                                     f"{found} there; load it with the architecture that was saved")
                 swaps.swap(name, method, lambda old: method.restore(old, config))
         _untie(model, configs)
         return model
@@ -108,6 +107,12 @@ class ReparamHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         # Factors, scales and biases are parameters or buffers of plain torch modules.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # transformers' Trainer refuses a quantized model without adapters unless this is True;
+        # reparam models train as they are (compander and scale_vector exist for training).
         return True
 
     @property
@@ -133,6 +138,17 @@ def attach(model: PreTrainedModel) -> None:
     loaded by ``from_pretrained`` already is. ``convert`` and ``load`` call it."""
     register()
     config = ReparamQuantizationConfig.from_model(model)
+    if not config.modules:
+        return  # nothing converted (e.g. a recipe of None rules): the model stays a plain one
+    other = getattr(model, "hf_quantizer", None)
+    if other is not None and not isinstance(other, ReparamHfQuantizer) and other.quantization_config.quant_method \
+            not in DEQUANTIZED_ON_LOAD:
+        method = other.quantization_config.quant_method
+        warnings.warn(f"this model is also quantized with '{method}': its config.json can record one method "
+                      f"only, so from_pretrained of what save_pretrained writes would not rebuild the reparam "
+                      f"layers. Save it with reparam.save, or convert a model loaded without '{method}'",
+                      stacklevel=4)
+        return
     _untie(model, config.modules)
     model.config.quantization_config = config
     model.hf_quantizer = ReparamHfQuantizer(config, pre_quantized=True)
