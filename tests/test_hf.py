@@ -179,6 +179,19 @@ def test_a_model_quantized_by_another_method_is_left_alone_with_a_warning():
     assert model.hf_quantizer is other and not hasattr(model.config, "quantization_config")
 
 
+def test_dequantize_bakes_every_layer_back(tmp_path):
+    model = tiny_llama()
+    reparam.convert(model, {"model.layers.0.*": {"method": "shift_add", "bits": 3, "group_size": 32},
+                            "model.layers.1.mlp.*": {"method": "compander"}}, progress=False)
+    expected = logits(model)
+    model.dequantize()
+    assert not reparam.converted_modules(model) and not model.is_quantized
+    assert {type(m) for n, m in model.named_modules() if n.endswith("_proj")} == {torch.nn.Linear}
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)  # a plain checkpoint again
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
 def test_transformers_trainer_accepts_converted_models(saved_llama):
     from transformers.trainer_utils import validate_quantization_for_training
 

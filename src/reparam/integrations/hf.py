@@ -27,7 +27,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..core.config import MethodConfig
+from ..core.module import ReparamModule
 from ..core.registry import get_method, parse_config
+from ..fold import fold
 from ..io import FORMAT_VERSION, converted_modules
 from ..io import _check_targets as check_targets  # the checks reparam.load makes
 from ..swap import ModuleSwaps
@@ -100,6 +102,15 @@ class ReparamHfQuantizer(HfQuantizer):
         self.quantization_config = ReparamQuantizationConfig.from_model(model)
         model.config.quantization_config = self.quantization_config
         return None, {}
+
+    def _dequantize(self, model: PreTrainedModel, dtype=None) -> PreTrainedModel:
+        """``model.dequantize()``: every converted layer baked back into a plain one
+        (``ReparamModule.to_linear``, :func:`reparam.fold`); transformers then drops the marks."""
+        fold(model)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, ReparamModule):
+                model.set_submodule(name, module.to_linear())
+        return model
 
     def is_serializable(self) -> bool:
         return True
