@@ -59,30 +59,41 @@ def _register_hf() -> None:
                       "reparam.integrations.hf.register() succeeds", stacklevel=2)
 
 
-class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _AfterImport(importlib.abc.MetaPathFinder):
     """Runs ``callback`` once, right after module ``name`` has executed.
 
     A finder at the front of ``sys.meta_path`` that answers only for ``name``:
     it takes the real spec from the other finders and wraps its loader. It
-    removes itself on first use, so it costs one string comparison per import
-    until then and nothing after.
+    leaves ``sys.meta_path`` once the module has run (a ``find_spec`` that
+    imports nothing keeps it waiting), so it costs one string comparison per
+    import until then and nothing after.
     """
 
     def __init__(self, name: str, callback: Callable[[], None]):
         self.name = name
         self.callback = callback
-        self._loader: importlib.abc.Loader | None = None
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)
-        spec = next((found for finder in sys.meta_path if hasattr(finder, "find_spec")
+        spec = next((found for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")
                      if (found := finder.find_spec(fullname, path, target)) is not None), None)
-        if spec is None or spec.loader is None:
-            return spec
-        self._loader, spec.loader = spec.loader, self
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenCall(spec.loader, self._fire)
         return spec
+
+    def _fire(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+            self.callback()
+
+
+class _ThenCall(importlib.abc.Loader):
+    """A module loader that calls ``after()`` once the module has executed."""
+
+    def __init__(self, loader: importlib.abc.Loader, after: Callable[[], None]):
+        self._loader = loader
+        self._after = after
 
     def __getattr__(self, attribute):
         # get_source, get_filename, ... of the real loader, for tracebacks and inspect
@@ -93,4 +104,4 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        self.callback()
+        self._after()
