@@ -234,6 +234,21 @@ def test_registers_when_the_registry_is_already_imported():
     assert auto.AUTO_QUANTIZATION_CONFIG_MAPPING[hf.QUANT_METHOD] is hf.ReparamQuantizationConfig
 
 
+def test_the_import_hook_fires_once_after_the_module_ran(tmp_path, monkeypatch):
+    (tmp_path / "hooked_module.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hook = reparam.integrations._AfterImport("hooked_module", lambda: seen.append(sys.modules["hooked_module"].VALUE))
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    import importlib.util
+
+    assert importlib.util.find_spec("hooked_module") is not None and seen == [] and hook in sys.meta_path
+    import hooked_module  # noqa: F401
+
+    assert seen == [42] and hook not in sys.meta_path
+    monkeypatch.delitem(sys.modules, "hooked_module")
+
+
 def test_import_reparam_stays_light_and_registers_when_transformers_loads(saved_llama, tmp_path):
     model, folder, _ = saved_llama
     torch.save(logits(model), tmp_path / "expected.pt")
