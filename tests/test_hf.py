@@ -63,7 +63,8 @@ def tensor_bytes(model) -> dict[str, int]:
 
 
 def converted_types(model) -> dict[str, type]:
-    return {name: type(module) for name, module in model.named_modules() if name in reparam.converted_modules(model)}
+    converted = reparam.converted_modules(model)
+    return {name: type(module) for name, module in model.named_modules() if name in converted}
 
 
 @pytest.fixture(scope="module")
