@@ -114,7 +114,7 @@ def test_minilm_round_trip(tmp_path):
     from reparam import minilm
 
     model = minilm.load_model()
-    dense = stored_bytes(os.path.join(minilm._imports()[1], "model.safetensors"))
+    dense = tensor_bytes(model)
     reparam.convert(model, {minilm.ENCODER_LINEARS: {"method": "affine", "bits": 4, "fit": "rtn"}}, progress=False)
     model.save_pretrained(tmp_path)
     loaded = AutoModel.from_pretrained(tmp_path).eval()
@@ -122,6 +122,7 @@ def test_minilm_round_trip(tmp_path):
     assert torch.equal(minilm.embed(loaded, [batch]), minilm.embed(model, [batch]))
     assert converted_types(loaded) == converted_types(model) and len(converted_types(model)) == 36
     stored = stored_bytes(tmp_path / "model.safetensors")
+    assert stored == tensor_bytes(model)
     encoder = sum(n for k, n in stored.items() if k.startswith("encoder."))
     dense_encoder = sum(n for k, n in dense.items() if k.startswith("encoder."))
     assert encoder < 0.16 * dense_encoder  # 4 bits plus fp16 group parameters and fp32 biases, norms
