@@ -6,6 +6,7 @@
 >>> reparam.save(model, "model.safetensors")
 >>> reparam.load(build_model(), "model.safetensors")
 """
+from . import integrations
 from .calibration import collect_stats
 from .convert import apply, convert, plan_conversion
 from .core import (ConfigError, Factorizer, LayerStats, MethodConfig, Quantizer, ReparamModule,
@@ -22,6 +23,8 @@ from .recipe import parse_recipe
 from .report import ConversionReport, LayerReport
 
 __version__ = "0.1.0"
+
+integrations.register_hf_when_imported()  # see reparam.integrations: transformers is never imported here
 
 __all__ = [
     "AffineConfig", "AffineLinear", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import integrations
 from .core.config import ConfigError, MethodConfig
 from .core.module import linear_shape
 from .core.registry import Method, get_method, parse_config
@@ -71,6 +72,7 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     untouched = _untouched(model, rules, plan)
     rows = run_pipeline(model, plan, calib, _resolve, pipeline=pipeline, sequential_targets=sequential_targets,
                         progress=progress)
+    integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
     return ConversionReport(rows, untouched=untouched)
 
 

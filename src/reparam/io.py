@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import integrations
 from .core.config import MethodConfig
 from .core.registry import get_method, module_config, parse_config
 from .swap import ModuleSwaps
@@ -79,6 +80,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             _check_state(model, state, path)
             on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
             model.load_state_dict(_matching_devices(model, state), strict=True, assign=on_meta)
+    integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
     return model
 
 
