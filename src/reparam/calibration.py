@@ -39,7 +39,7 @@ def collect_stats(model: nn.Module, calib: Iterable[Any], layers: Mapping[str, n
             x = args[0]
             if mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
                 x = x[mask[0].to(x.device).bool()]
-            stats[name].add(x)
+            stats[name].add(x, layer=name)
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers.items()]

@@ -49,6 +49,9 @@ class QuantizedConfig(MethodConfig):
                                   f"e.g. target_bits=2.5")
             check_range(self.method, "target_bits", self.target_bits, min(self.BITS), max(self.BITS))
         else:
+            if not isinstance(self.bits, int) or isinstance(self.bits, bool):  # 3.0 == 3 would pass the choice
+                raise ConfigError(f"{self.method}: bits={self.bits!r} must be an integer from {list(self.BITS)}, "
+                                  "or 'auto' with target_bits")
             check_choice(self.method, "bits", self.bits, self.BITS + ("auto",))
             if self.target_bits is not None:
                 raise ConfigError(f"{self.method}: target_bits is only used with bits='auto'; "
