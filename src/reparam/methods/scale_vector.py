@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.config import MethodConfig, check_choice
+from ..core.config import ConfigError, MethodConfig, check_choice
 from ..core.registry import Method, register
 from ..core.stats import LayerStats
 
