@@ -89,6 +89,8 @@ def test_bad_calibration_inputs_name_the_layer_and_leave_the_model(calib, error,
 def test_layer_stats_without_a_name():
     with pytest.raises(ValueError, match=r"calibration gave the layer inputs of shape \(2, 3\)"):
         LayerStats.empty(4).add(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="calibration gave the layer a int, not a tensor"):
+        LayerStats.from_inputs(3)
 
 
 def test_two_four_pattern_on_a_layer_narrower_than_four():

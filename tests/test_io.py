@@ -86,7 +86,10 @@ def test_file_bytes_are_the_compressed_bytes(tmp_path):
 
 
 def rewrite(path, out, *, drop=None, add=None, reshape=None, meta=None, drop_meta=None, edit=None):
-    """A copy of a saved file with one thing changed; ``edit(tensors)`` changes tensors in place."""
+    """A copy of a saved file with one thing changed; ``edit(tensors)`` changes tensors in place.
+
+    Tensor edits drop the data checksum, as a hand edit or another writer
+    would: the checks behind it must hold on their own."""
     with safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = f.metadata()
@@ -99,6 +102,8 @@ def rewrite(path, out, *, drop=None, add=None, reshape=None, meta=None, drop_met
     if edit:
         edit(tensors)
     metadata.update(meta or {})
+    if drop or add or reshape or edit:
+        del metadata["reparam.sha256"]
     if drop_meta:
         del metadata[drop_meta]
     save_file(tensors, out, metadata=metadata)
@@ -230,6 +235,19 @@ def test_dense_sparse_round_trip_is_exact(tmp_path):
     assert torch.equal(fresh(x), model(x))
 
 
+def test_a_changed_data_byte_fails_the_checksum(tmp_path):
+    path = tmp_path / "model.safetensors"
+    reparam.save(converted(), path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # a bit of the last tensor: no structural check could see it
+    (tmp_path / "bad.safetensors").write_bytes(data)
+    fresh = Net()
+    snap = snapshot(fresh)
+    with pytest.raises(reparam.FileFormatError, match="its tensor data does not match the SHA-256 saved with it"):
+        reparam.load(fresh, tmp_path / "bad.safetensors")
+    assert_unchanged(fresh, snap)
+
+
 def test_two_saves_are_byte_identical(tmp_path):
     # Issue 12, item 13: safetensors writes metadata in hash order, which changed from save to save.
     model = converted()
@@ -248,7 +266,7 @@ def test_failed_save_leaves_the_old_file_and_no_scratch(tmp_path, monkeypatch):
 
     def fail(*args):
         raise OSError("disk full")
-    monkeypatch.setattr(reparam.io, "_write_sorted_header", fail)
+    monkeypatch.setattr(reparam.io, "_finish_file", fail)
     with pytest.raises(OSError, match="disk full"):
         reparam.save(Net(), path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.safetensors"]

@@ -8,9 +8,10 @@ the file is damaged or meant for another architecture.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from .core.config import ConfigError, MethodConfig
 from .core.registry import get_method, parse_config
 
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "reparam.sha256"
 
 
 class FileFormatError(ValueError):
@@ -42,6 +44,27 @@ def check_model(model: nn.Module) -> None:
             f"the model's non-persistent buffers {lost[:5]} are on the meta device; a file cannot hold them, "
             "so they would stay uninitialized. Build the model under accelerate.init_empty_weights() (which "
             "keeps buffers real) instead of torch.device('meta'), or on CPU")
+
+
+def data_checksum(file: BinaryIO, start: int) -> str:
+    """SHA-256 (hex) of everything in ``file`` from byte ``start`` on: a safetensors data section."""
+    file.seek(start)
+    digest = hashlib.sha256()
+    while chunk := file.read(1 << 24):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_checksum(metadata: Mapping[str, str], path: str) -> None:
+    """The data section matches the checksum ``save`` wrote (files without one are not checked)."""
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is None:
+        return
+    with open(path, "rb") as file:
+        actual = data_checksum(file, 8 + int.from_bytes(file.read(8), "little"))
+    if actual != expected:
+        raise _damaged(path, f"its tensor data does not match the SHA-256 saved with it ({actual[:12]}… "
+                             f"instead of {expected[:12]}…); a byte changed after saving")
 
 
 def _damaged(path: str, what: str) -> FileFormatError:

@@ -6,7 +6,9 @@ stored, so its size is the real size. Metadata (strings only, by the format):
 - ``reparam.format``: the format version;
 - ``reparam.modules``: JSON ``{module name: config dict}`` of each converted module;
 - ``reparam.aliases``: JSON ``{key: kept key}`` for tensors sharing storage
-  (tied weights), which safetensors stores once.
+  (tied weights), which safetensors stores once;
+- ``reparam.sha256``: the SHA-256 of the data section (every tensor's bytes),
+  so a damaged byte anywhere is caught (checked when present).
 
 Files are deterministic (the same model gives the same bytes, so a checksum
 identifies a model) and written atomically (a failed save leaves no partial
@@ -27,8 +29,8 @@ from torch import nn
 
 from .core.config import MethodConfig
 from .core.registry import get_method, module_config
-from .file_checks import (FORMAT_VERSION, FileFormatError, check_model, check_state, check_targets, check_values,
-                          read_aliases, read_recipe)
+from .file_checks import (CHECKSUM_KEY, FORMAT_VERSION, FileFormatError, check_checksum, check_model, check_state,
+                          check_targets, check_values, data_checksum, read_aliases, read_recipe)
 from .swap import ModuleSwaps
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "converted_modules", "load", "save"]
@@ -71,7 +73,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     with tempfile.TemporaryDirectory(dir=directory, prefix=".reparam-save-") as scratch:
         written, final = os.path.join(scratch, "written"), os.path.join(scratch, "final")
         save_file(_unshare(tensors), written, metadata=metadata)
-        _write_sorted_header(written, final)
+        _finish_file(written, final)
         os.replace(final, path)
 
 
@@ -93,6 +95,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
             keys = set(file.keys())
+            check_checksum(metadata, path)
             modules = read_recipe(metadata, path)
             aliases = read_aliases(metadata, keys, path)
             check_targets(model, modules, path)
@@ -129,8 +132,9 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_sorted_header(source: str, target: str) -> None:
-    """Copy a safetensors file with its JSON header's keys sorted.
+def _finish_file(source: str, target: str) -> None:
+    """Copy a safetensors file with its JSON header's keys sorted and the
+    SHA-256 of its data section added to the metadata.
 
     safetensors writes the metadata map in hash order, which changes from
     one save to the next; the data section and its offsets do not depend on
@@ -140,8 +144,10 @@ def _write_sorted_header(source: str, target: str) -> None:
     with open(source, "rb") as src, open(target, "wb") as dst:
         length = int.from_bytes(src.read(8), "little")
         header = json.loads(src.read(length))
+        header["__metadata__"][CHECKSUM_KEY] = data_checksum(src, 8 + length)
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)
         dst.write(len(text).to_bytes(8, "little"))
         dst.write(text)
+        src.seek(8 + length)
         shutil.copyfileobj(src, dst)

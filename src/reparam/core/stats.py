@@ -29,7 +29,7 @@ class LayerStats:
     @classmethod
     def from_inputs(cls, x: torch.Tensor) -> "LayerStats":
         """Statistics of a (tokens, in) batch; handy in tests and for single layers."""
-        stats = cls.empty(x.shape[-1])
+        stats = cls.empty(x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0)
         stats.add(x)
         return stats
 
