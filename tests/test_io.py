@@ -145,6 +145,10 @@ def set_value(key, index, value):
     (dict(meta=modules_meta({"encoder.0": {"method": "low_rank", "rank": 2 ** 40},
                              "encoder.2": {"method": "low_rank", "rank": 4}})),
      r"does not fit this model: low_rank: rank=1099511627776 exceeds min\(in, out\)=16 of layer 'encoder.0'"),
+    (dict(meta=modules_meta({"encoder.0": {"method": "affine", "bits": 4, "group_size": 2 ** 40},
+                             "encoder.2": {"method": "low_rank", "rank": 4}})),
+     r"does not fit this model: affine: group_size=1099511627776 is wider than layer 'encoder.0' \(16 inputs\); "
+     r"use group_size ≤ 128"),
     # Never a silent cast (item 8), never NaN weights (item 9).
     (dict(edit=lambda t: t.update({"encoder.0.u": t["encoder.0.u"].double()})),
      "'encoder.0.u' is torch.float64 in the file and torch.float32 in the model; load never casts"),

@@ -78,7 +78,7 @@ def model_and_recipe(draw):
     return spec, recipe
 
 
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 45, 2 ** 45),
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 45, 2 ** 45), st.just(2 ** 40),
                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
                         st.lists(st.integers(0, 9), max_size=3), st.just({}))
 

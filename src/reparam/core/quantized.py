@@ -66,6 +66,14 @@ class QuantizedConfig(MethodConfig):
         """The quantizer for this config (at ``bits``, default this config's)."""
         raise NotImplementedError
 
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        # A group wider than the row only adds zero padding; bounded so that a
+        # damaged file's group_size=2**40 never reaches the allocator.
+        widest = max(128, -(-in_features // 32) * 32)
+        if self.group_size > widest:
+            raise ConfigError(f"{self.method}: group_size={self.group_size} is wider than layer '{name}' "
+                              f"({in_features} inputs); use group_size ≤ {widest}")
+
     def requires_calibration(self) -> bool:
         return self.fit == "gptq"
 
