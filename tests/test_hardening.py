@@ -68,6 +68,11 @@ def test_float_bits_name_the_integer_choices():
                         progress=False)
 
 
+def test_affine_symmetric_must_be_a_flag():
+    with pytest.raises(ConfigError, match="affine: symmetric='yes' must be true or false"):
+        reparam.AffineConfig(symmetric="yes")
+
+
 @pytest.mark.parametrize("calib, error, message", [
     ([torch.randn(3, 65)], ValueError, r"calibration gave layer '0' inputs of shape \(3, 65\): last dimension 65, "
                                        r"but the layer takes 64 features"),
