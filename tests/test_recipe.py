@@ -92,10 +92,25 @@ def test_bad_recipe_files(tmp_path):
     ({"head": {"method": "low_rank", "rank": 2, "factorizer": "qr"}}, "factorizer='qr' is not one of"),
     ({"re:(": LR}, "is not a valid regex"),
     ([{"method": "low_rank"}], "a list recipe holds rules like"),
+    # Issue 12, item 5: a rule without 'method' was a silent exclusion that converted nothing.
+    ([{"targets": "Linear", "scheme": "W4A16"}],
+     r"has no 'method'; set method: <name> \(one of \[.*'low_rank'.*\]\) with its config keys, or method: null "
+     r"to leave the targets alone. Keys \['scheme'\] are not rule keys \['targets', 'ignore', 'method'\]"),
+    ([{"targets": "Linear", "methd": "low_rank", "rank": 2}], r"Keys \['methd', 'rank'\] are not rule keys"),
+    ([{"targets": "head", "method": None, "rank": 2}],
+     r"has method: null \(leave alone\) but also \['rank'\]; an exclusion rule takes only"),
+    ([{"targets": "head", "method": "low_rank", "rank": 2, "ingore": "x"}],
+     r"unknown key\(s\) \['ingore'\] for method 'low_rank'; valid keys are"),
 ])
 def test_invalid_recipes_name_the_problem(recipe, message):
     with pytest.raises(ConfigError, match=message):
         parse_recipe(recipe)
+
+
+def test_list_rule_excludes_only_with_explicit_null(tmp_path):
+    (tmp_path / "r.yaml").write_text("- targets: head\n  method: null\n"
+                                     "- targets: Linear\n  method: low_rank\n  rank: 2\n")
+    assert "head" not in planned(tmp_path / "r.yaml") and len(planned(tmp_path / "r.yaml")) == 6
 
 
 def test_config_json_round_trip():

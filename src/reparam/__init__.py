@@ -12,7 +12,7 @@ from .convert import apply, convert, plan_conversion
 from .core import (ConfigError, Factorizer, LayerStats, MethodConfig, Quantizer, ReparamModule,
                    get_method, known_methods)
 from .fold import fold
-from .io import converted_modules, load, save
+from .io import FileFormatError, converted_modules, load, save
 from .methods.affine import AffineConfig, AffineLinear
 from .methods.compander import CompanderConfig
 from .methods.dense_sparse import DenseSparseConfig, DenseSparseLinear
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 integrations.register_hf_when_imported()  # see reparam.integrations: transformers is never imported here
 
 __all__ = [
-    "AffineConfig", "AffineLinear", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "LayerReport", "LayerStats",
+    "AffineConfig", "AffineLinear", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "FileFormatError", "LayerReport", "LayerStats",
     "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig", "ShiftAddConfig", "ShiftAddLinear",
     "apply", "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
     "parse_recipe", "plan_conversion", "save",

@@ -96,7 +96,7 @@ class StatsCollector:
                 current = self._stats[name] = LayerStats.empty(self._width(name, x))
                 self._owners.add(name)
             self._seen.setdefault(id(x), (x, current))
-            current.add(self._unpadded(name, x))
+            current.add(self._unpadded(name, x), layer=name)
         return record
 
     def _width(self, name: str, x: torch.Tensor) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 from . import integrations
 from .core.config import ConfigError, MethodConfig
 from .core.module import linear_shape
-from .core.registry import Method, get_method, parse_config
+from .core.registry import Method, get_method, module_config, parse_config
 from .core.stats import LayerStats
 from .pipeline import run_pipeline
 from .recipe import RecipeLike, Rule, parse_recipe
@@ -213,6 +213,10 @@ def _unmatched(rule: Rule, hits: list[str], modules: dict[str, nn.Module], stric
         close = difflib.get_close_matches(rule.targets[0].text, list(modules), n=5, cutoff=0.5)
         hint = f"; close module names: {close}" if close else ""
         message = f"pattern '{rule}' matches no module{hint}. Fix the pattern, or pass strict=False to skip it"
+    elif all(module_config(modules[h]) is not None for h in hits):  # a layer takes one method
+        message = (f"pattern '{rule}' selects {len(hits)} module(s) already converted with "
+                   f"{sorted({module_config(modules[h]).method for h in hits})}; a layer takes one method: "
+                   "fold it (reparam.fold) or start from the original model")
     else:
         method = get_method(rule.config.method)
         found = sorted({type(modules[h]).__name__ for h in hits})

@@ -6,27 +6,35 @@ stored, so its size is the real size. Metadata (strings only, by the format):
 - ``reparam.format``: the format version;
 - ``reparam.modules``: JSON ``{module name: config dict}`` of each converted module;
 - ``reparam.aliases``: JSON ``{key: kept key}`` for tensors sharing storage
-  (tied weights), which safetensors stores once.
+  (tied weights), which safetensors stores once;
+- ``reparam.sha256``: the SHA-256 of the data section (every tensor's bytes),
+  so a damaged byte anywhere is caught (checked when present).
 
-No pickle is read or written.
+Files are deterministic (the same model gives the same bytes, so a checksum
+identifies a model) and written atomically (a failed save leaves no partial
+file). Everything read is checked before the model changes (see
+``reparam.file_checks``); no pickle is read or written.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import shutil
+import tempfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from . import integrations
 from .core.config import MethodConfig
-from .core.registry import get_method, module_config, parse_config
+from .core.registry import get_method, module_config
+from .file_checks import (CHECKSUM_KEY, FORMAT_VERSION, FileFormatError, check_checksum, check_model, check_state,
+                          check_targets, check_values, data_checksum, read_aliases, read_recipe)
 from .swap import ModuleSwaps
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "FileFormatError", "converted_modules", "load", "save"]
 
 
 def converted_modules(model: nn.Module) -> dict[str, MethodConfig]:
@@ -36,7 +44,11 @@ def converted_modules(model: nn.Module) -> dict[str, MethodConfig]:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s tensors and its conversion recipe to a safetensors file."""
+    """Write ``model``'s tensors and its conversion recipe to a safetensors file.
+
+    The bytes depend only on the model (metadata keys are sorted), and the
+    file appears only once complete (written beside ``path``, then renamed).
+    """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -53,70 +65,55 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         tensors[key] = tensor.detach().to("cpu").contiguous()
     metadata = {
         "reparam.format": str(FORMAT_VERSION),
-        "reparam.modules": json.dumps({n: c.to_dict() for n, c in converted_modules(model).items()}),
-        "reparam.aliases": json.dumps(aliases),
+        "reparam.modules": json.dumps({n: c.to_dict() for n, c in converted_modules(model).items()},
+                                      sort_keys=True),
+        "reparam.aliases": json.dumps(aliases, sort_keys=True),
     }
-    save_file(_unshare(tensors), os.fspath(path), metadata=metadata)
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".reparam-save-") as scratch:
+        written, final = os.path.join(scratch, "written"), os.path.join(scratch, "final")
+        save_file(_unshare(tensors), written, metadata=metadata)
+        _finish_file(written, final)
+        os.replace(final, path)
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild the converted modules of a freshly built ``model`` (on any device,
-    the meta device included) from the file's recipe, then load every tensor.
+    """Rebuild the converted modules of a freshly built ``model`` from the
+    file's recipe, then load every tensor.
 
-    Nothing is refitted: loaded outputs equal the saved model's exactly. A file
-    that does not match the model raises and leaves ``model`` as it was.
+    ``model`` may be on CPU, on an accelerator, or built with
+    ``accelerate.init_empty_weights()`` (parameters on the meta device,
+    buffers real). Nothing is refitted: loaded outputs equal the saved
+    model's exactly. Everything is checked before the model changes: a file
+    that is damaged, not a reparam file or written for another architecture
+    raises :class:`FileFormatError` (a ``ValueError``) and leaves ``model``
+    exactly as it was.
     """
-    with safe_open(os.fspath(path), framework="pt") as file:
-        metadata = file.metadata() or {}
-        modules = _read_recipe(metadata)
-        _check_targets(model, modules)
-        aliases = json.loads(metadata.get("reparam.aliases", "{}"))
-        with ModuleSwaps(model) as swaps:
-            for name, config in modules.items():
-                method = get_method(config.method)
-                swaps.swap(name, method, lambda old: method.restore(old, config))
-            state = {key: file.get_tensor(key) for key in file.keys()}
-            state.update({key: state[kept] for key, kept in aliases.items()})
-            _check_state(model, state, path)
-            on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
-            model.load_state_dict(_matching_devices(model, state), strict=True, assign=on_meta)
+    path = os.fspath(path)
+    check_model(model)
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            keys = set(file.keys())
+            check_checksum(metadata, path)
+            modules = read_recipe(metadata, path)
+            aliases = read_aliases(metadata, keys, path)
+            check_targets(model, modules, path)
+            state = {key: file.get_tensor(key) for key in sorted(keys)}
+    except SafetensorError as err:
+        raise FileFormatError(f"{path} is not a readable safetensors file (damaged or truncated?): {err}") from err
+    state.update({key: state[kept] for key, kept in aliases.items()})
+    with ModuleSwaps(model) as swaps:
+        for name, config in modules.items():
+            method = get_method(config.method)
+            swaps.swap(name, method, lambda old: method.restore(old, config))
+        check_state(model, state, path)
+        check_values(model, modules, state, path)
+        on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
+        model.load_state_dict(_matching_devices(model, state), strict=True, assign=on_meta)
     integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
     return model
-
-
-def _read_recipe(metadata: dict[str, str]) -> dict[str, MethodConfig]:
-    version = int(metadata.get("reparam.format", "0"))
-    if version == 0:
-        raise ValueError("this safetensors file was not written by reparam.save (no 'reparam.format' metadata)")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"file format version {version} is newer than this reparam's "
-                         f"{FORMAT_VERSION}; upgrade reparam to load it")
-    return {name: parse_config(config) for name, config in json.loads(metadata["reparam.modules"]).items()}
-
-
-def _check_targets(model: nn.Module, modules: dict[str, MethodConfig]) -> None:
-    names = dict(model.named_modules())
-    for name, config in modules.items():
-        method = get_method(config.method)
-        if name not in names:
-            raise ValueError(f"the file converts module '{name}', which this model does not have; "
-                             "load into a model of the architecture that was saved")
-        if not method.supports(names[name]):
-            raise ValueError(f"the file converts '{name}' with '{method.name}', which supports "
-                             f"{method.target_names}, but here it is a {type(names[name]).__name__}")
-
-
-def _check_state(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{os.fspath(path)} does not match the model: missing keys {missing[:5]}, "
-                         f"unexpected keys {extra[:5]}; load into the architecture that was saved")
-    for key, tensor in expected.items():
-        if tensor.shape != state[key].shape:
-            raise ValueError(f"{os.fspath(path)} does not match the model: '{key}' has shape "
-                             f"{tuple(state[key].shape)} in the file and {tuple(tensor.shape)} in the model")
 
 
 def _matching_devices(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,3 +133,23 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         storages.add(ptr)
     return out
 
+
+def _finish_file(source: str, target: str) -> None:
+    """Copy a safetensors file with its JSON header's keys sorted and the
+    SHA-256 of its data section added to the metadata.
+
+    safetensors writes the metadata map in hash order, which changes from
+    one save to the next; the data section and its offsets do not depend on
+    the header's key order. Layout: u64 little-endian header length, the
+    JSON header padded with spaces to a multiple of 8, then the data.
+    """
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        length = int.from_bytes(src.read(8), "little")
+        header = json.loads(src.read(length))
+        header["__metadata__"][CHECKSUM_KEY] = data_checksum(src, 8 + length)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        dst.write(len(text).to_bytes(8, "little"))
+        dst.write(text)
+        src.seek(8 + length)
+        shutil.copyfileobj(src, dst)

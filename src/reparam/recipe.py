@@ -2,9 +2,10 @@
 
 A recipe is an ordered mapping ``pattern -> config`` (a dict with a
 ``method`` key, a config object, or ``None`` to leave matches alone), or a
-list of rules ``{"targets": [...], "ignore": [...], "method": ..., **config}``,
-or the path of a YAML or JSON file holding either form. The first rule that
-matches a module wins.
+list of rules ``{"targets": [...], "ignore": [...], "method": ..., **config}``
+(``method: None`` to leave matches alone: a rule without ``method`` is an
+error, never a silent exclusion), or the path of a YAML or JSON file holding
+either form. The first rule that matches a module wins.
 
 A pattern is an exact module name, a glob (``*`` and ``?``, where ``*``
 crosses dots), ``re:`` plus a regex that must match the whole name, or a
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from .core.config import ConfigError, MethodConfig
-from .core.registry import parse_config
+from .core.registry import known_methods, parse_config
 
 RecipeLike = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike
 
@@ -86,9 +87,18 @@ def _rule(targets: Sequence[str], value: Any, ignore: Sequence[str] = ()) -> Rul
     return Rule(tuple(Pattern(t) for t in targets), config, tuple(Pattern(p) for p in ignore))
 
 
+RULE_KEYS = ("targets", "ignore", "method")
+
+
 def _rule_from_entry(entry: Any) -> Rule:
     if not isinstance(entry, Mapping) or "targets" not in entry:
         raise ConfigError(f"a list recipe holds rules like {{'targets': [...], 'method': ...}}, got {entry!r}")
+    if "method" not in entry:
+        # Not an exclusion: a typo ('methd') or another tool's keys ('scheme') would convert nothing.
+        others = sorted(set(entry) - set(RULE_KEYS))
+        raise ConfigError(f"rule {dict(entry)!r} has no 'method'; set method: <name> (one of "
+                          f"{known_methods()}) with its config keys, or method: null to leave the targets "
+                          f"alone. Keys {others} are not rule keys {list(RULE_KEYS)}")
     entry = dict(entry)
     targets = entry.pop("targets")
     ignore = entry.pop("ignore", ())
@@ -96,7 +106,10 @@ def _rule_from_entry(entry: Any) -> Rule:
     ignore = [ignore] if isinstance(ignore, str) else list(ignore)
     if not targets:
         raise ConfigError(f"rule {entry!r} has no targets")
-    return _rule(targets, entry if entry.get("method") is not None else None, ignore)
+    if entry["method"] is None and len(entry) > 1:
+        raise ConfigError(f"rule for {targets} has method: null (leave alone) but also "
+                          f"{sorted(set(entry) - {'method'})}; an exclusion rule takes only {list(RULE_KEYS)}")
+    return _rule(targets, entry if entry["method"] is not None else None, ignore)
 
 
 def _read_file(path: Path) -> Any:

@@ -150,3 +150,61 @@ def test_wrapping_one_layer_with_apply():
     with pytest.raises(ConfigError, match=r"method 'compander' supports \['Linear', 'Conv1d', 'Conv2d', 'Conv3d'\], "
                                           "not LayerNorm"):
         reparam.apply(nn.LayerNorm(8), {"method": "compander"})
+
+
+@pytest.mark.parametrize("values, message", [
+    # Issue 12, item 4: each of these once NaN'd (or inf'd) the whole layer.
+    ({"a": math.inf}, r"compander: a=inf must be a number in \[0.001, 1000.0\]"),
+    ({"a": 1e300}, r"compander: a=1e\+300 must be a number in \[0.001, 1000.0\]"),
+    ({"a": math.nan}, r"compander: a=nan must be a number in \[0.001, 1000.0\]"),
+    ({"b": 1e308}, r"compander: b=1e\+308 must be a number in \[0.001, 1000.0\]"),
+    ({"b": 1e-300}, r"compander: b=1e-300 must be a number in \[0.001, 1000.0\]"),
+    ({"b": 0}, r"compander: b=0 must be a number in \[0.001, 1000.0\]"),
+])
+def test_a_and_b_outside_their_range_are_refused(values, message):
+    model = nn.Sequential(nn.Linear(4, 4))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=message):
+        reparam.convert(model, {"0": {"method": "compander", **values}}, progress=False)
+    assert type(model[0]) is nn.Linear and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_auto_a_beyond_the_range_is_refused():
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e4
+    with pytest.raises(ConfigError, match=r"layer '0' has \|w\| up to 1e\+04, so a='auto' would exceed a's range "
+                                          r"\[0.001, 1000.0\]"):
+        reparam.convert(nn.Sequential(layer), {"0": {"method": "compander"}}, progress=False)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("log_a", 100.0, r"log_a=100 makes a = exp\(log_a\) zero or infinite in torch.float32"),
+    ("log_b", -200.0, r"log_b=-200 makes b = exp\(log_b\) zero or infinite in torch.float32"),
+    ("log_b", math.inf, r"'0.parametrizations.weight.0.log_b' holds NaN or Inf"),
+])
+def test_load_refuses_a_and_b_that_would_nan_the_layer(tmp_path, key, value, message):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    reparam.convert(model, {"0": {"method": "compander", "learnable": True}}, progress=False)
+    reparam.save(model, tmp_path / "m.safetensors")
+    tensors = load_file(tmp_path / "m.safetensors")
+    tensors[f"0.parametrizations.weight.0.{key}"].fill_(value)
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "reparam.sha256"}  # as a hand edit would
+        save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+    fresh = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(reparam.FileFormatError, match=message):
+        reparam.load(fresh, tmp_path / "bad.safetensors")
+    assert type(fresh[0]) is nn.Linear and not hasattr(fresh[0], "parametrizations")
+
+
+def test_reconverting_a_companded_layer_says_it_is_converted():
+    model = nn.Sequential(nn.Linear(4, 4))
+    reparam.convert(model, {"0": {"method": "compander"}}, progress=False)
+    # Issue 12, item 14: this once suggested "e.g. '0.*' for the layers inside".
+    with pytest.raises(ConfigError, match=r"pattern '0' selects 1 module\(s\) already converted with "
+                                          r"\['compander'\]; a layer takes one method"):
+        reparam.convert(model, {"0": {"method": "low_rank", "rank": 2}}, progress=False)

@@ -103,3 +103,35 @@ def test_failed_convert_restores_parametrized_layers_exactly(monkeypatch):
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert not any(hasattr(m, "parametrizations") or hasattr(m, "reparam_config") for m in model)
+
+
+def test_norm_with_all_zero_scale_is_refused():
+    # Issue 12, item 4: γ = 0 has no direction; m·d/‖d‖ was NaN for the whole layer.
+    norm = nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.zero_()
+    model = nn.Sequential(norm)
+    with pytest.raises(ConfigError, match=r"scale_vector: the scale γ of layer '0' is all zero, which has no "
+                                          r"direction \(m·d/‖d‖ would be NaN\); exclude the layer"):
+        reparam.convert(model, {"0": {"method": "scale_vector"}}, progress=False)
+    assert type(norm) is nn.LayerNorm and not norm.weight.any()
+
+
+def test_load_refuses_a_zero_direction(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
+    reparam.convert(model, {"LayerNorm": {"method": "scale_vector"}, "1": {"method": "scale_vector"}},
+                    progress=False)
+    reparam.save(model, tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "reparam.sha256"}  # as a hand edit would
+    for key in ("0.parametrizations.weight.original", "1.parametrizations.weight.0.row_direction"):
+        tensors = load_file(tmp_path / "m.safetensors")
+        tensors[key].zero_()
+        save_file(tensors, tmp_path / "bad.safetensors", metadata=metadata)
+        fresh = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
+        with pytest.raises(reparam.FileFormatError, match=f"'{key[2:]}' is all zero: a direction needs a nonzero"):
+            reparam.load(fresh, tmp_path / "bad.safetensors")
+        assert not any(hasattr(m, "parametrizations") for m in fresh.modules())

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,12 @@ class ReparamModule(nn.Module, abc.ABC):
     @abc.abstractmethod
     def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
         """Fill θ from a float64 CPU weight (out, in), in place."""
+
+    def check_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` if ``state`` (this module's tensors, as ``load``
+        is about to put them in) holds values the forward cannot use. ``load``
+        has already checked keys, shapes, dtypes and finiteness; subclasses
+        check what indexes or scales (e.g. indices within range)."""
 
     @abc.abstractmethod
     def materialize(self) -> torch.Tensor:

@@ -49,6 +49,9 @@ class QuantizedConfig(MethodConfig):
                                   f"e.g. target_bits=2.5")
             check_range(self.method, "target_bits", self.target_bits, min(self.BITS), max(self.BITS))
         else:
+            if not isinstance(self.bits, int) or isinstance(self.bits, bool):  # 3.0 == 3 would pass the choice
+                raise ConfigError(f"{self.method}: bits={self.bits!r} must be an integer from {list(self.BITS)}, "
+                                  "or 'auto' with target_bits")
             check_choice(self.method, "bits", self.bits, self.BITS + ("auto",))
             if self.target_bits is not None:
                 raise ConfigError(f"{self.method}: target_bits is only used with bits='auto'; "
@@ -62,6 +65,14 @@ class QuantizedConfig(MethodConfig):
     def quantizer(self, bits: int | None = None) -> Quantizer:
         """The quantizer for this config (at ``bits``, default this config's)."""
         raise NotImplementedError
+
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        # A group wider than the row only adds zero padding; bounded so that a
+        # damaged file's group_size=2**40 never reaches the allocator.
+        widest = max(128, -(-in_features // 32) * 32)
+        if self.group_size > widest:
+            raise ConfigError(f"{self.method}: group_size={self.group_size} is wider than layer '{name}' "
+                              f"({in_features} inputs); use group_size ≤ {widest}")
 
     def requires_calibration(self) -> bool:
         return self.fit == "gptq"

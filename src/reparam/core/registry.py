@@ -10,6 +10,7 @@ import importlib
 import pkgutil
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 from .config import ConfigError, MethodConfig
@@ -26,7 +27,9 @@ class Method:
     ``apply`` fits (may use statistics); ``restore`` only rebuilds the
     structure, for ``load``. A handler either returns a new module (the caller
     swaps it in) or returns the same module changed in place, in which case
-    ``undo`` must put it back exactly as it was.
+    ``undo`` must put it back exactly as it was. ``check_state(module,
+    state)``, if set, raises ``ValueError`` when tensors about to be loaded
+    into the restored ``module`` (its own keys) hold values it cannot use.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Method:
     # Also takes transformers' Conv1D (a Linear with its weight stored (in, out));
     # matched by class name, so transformers is never imported here.
     conv1d: bool = False
+    check_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None
 
     def supports(self, module: nn.Module) -> bool:
         # Exact types only, so a converted wrapper or a subclass with its own
@@ -68,7 +72,7 @@ def register_wrapper(config: type[MethodConfig], targets: tuple[type[nn.Module],
     it takes ``targets`` and transformers' ``Conv1D``."""
     def decorate(cls: type[ReparamModule]) -> type[ReparamModule]:
         register(Method(config.method, config, targets, apply=cls.from_linear, restore=cls.empty_like,
-                        conv1d=True))
+                        conv1d=True, check_state=cls.check_state))
         return cls
     return decorate
 

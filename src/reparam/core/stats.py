@@ -29,13 +29,27 @@ class LayerStats:
     @classmethod
     def from_inputs(cls, x: torch.Tensor) -> "LayerStats":
         """Statistics of a (tokens, in) batch; handy in tests and for single layers."""
-        stats = cls.empty(x.shape[-1])
+        stats = cls.empty(x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0)
         stats.add(x)
         return stats
 
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate a (tokens, in) batch of inputs."""
+    def add(self, x: torch.Tensor, layer: str | None = None) -> None:
+        """Accumulate a (tokens, in) batch of inputs (``layer`` names it in errors)."""
+        where = f"layer '{layer}'" if layer else "the layer"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"calibration gave {where} a {type(x).__name__}, not a tensor; calib must hold "
+                            "model inputs (tensors, tuples of them, or dicts of keyword arguments)")
+        if not x.is_floating_point():
+            raise TypeError(f"calibration gave {where} {x.dtype} inputs; its inputs must be real floating point "
+                            "(pass what the model's forward takes, e.g. token ids to the model, not to the layer)")
+        if x.dim() == 0 or x.shape[-1] != self.gram.shape[0]:
+            raise ValueError(f"calibration gave {where} inputs of shape {tuple(x.shape)}: last dimension "
+                             f"{x.shape[-1] if x.dim() else None}, but the layer takes {self.gram.shape[0]} "
+                             "features; the calibration inputs do not fit this model")
         x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float64)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"calibration inputs of {where} contain NaN or Inf; check the calibration batches "
+                             "(or the layers before this one, e.g. an overflow in float16)")
         self.gram.addmm_(x.T, x)
         self.abs_sum.add_(x.abs().sum(0))
         self.count += x.shape[0]

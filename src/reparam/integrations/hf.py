@@ -30,8 +30,8 @@ from ..core.config import MethodConfig
 from ..core.module import ReparamModule
 from ..core.registry import get_method, parse_config
 from ..fold import fold
-from ..io import FORMAT_VERSION, converted_modules
-from ..io import _check_targets as check_targets  # the checks reparam.load makes
+from ..file_checks import FORMAT_VERSION, check_targets  # the checks reparam.load makes
+from ..io import converted_modules
 from ..swap import ModuleSwaps
 
 if TYPE_CHECKING:  # at registration time transformers.modeling_utils may still be importing
@@ -88,7 +88,7 @@ class ReparamHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> PreTrainedModel:
         # The model is an empty skeleton here (on the meta device): restore only builds structure.
         configs = self.quantization_config.module_configs()
-        check_targets(model, configs)
+        check_targets(model, configs, "config.json's quantization_config")
         with ModuleSwaps(model) as swaps:
             for name, config in configs.items():
                 method = get_method(config.method)

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ..core.config import check_flag
 from ..core.quantized import QuantizedConfig, QuantizedLinear
 from ..core.quantizer import Quantizer
 from ..core.registry import register_wrapper
@@ -26,6 +27,10 @@ class AffineConfig(QuantizedConfig):
     method: ClassVar[str] = "affine"
     BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     symmetric: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flag(self.method, "symmetric", self.symmetric)
 
     def quantizer(self, bits: int | None = None) -> Quantizer:
         return Affine(bits or self.bits, self.group_size, self.symmetric)

@@ -30,6 +30,11 @@ TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AUTO_HEADROOM = 0.5
 # The paper assumes a, b ≥ 0.5.
 MIN_A = 0.5
+# Accepted a and b. Outside, Ψ(v) = a·atan(v/b) and v = b·tan(w/a) lose the
+# layer in low precision: b = 1e-300 is 0 in float32 (v/b = 0/0), a = 1e300
+# is inf, and fp16 tops out at 65504. Real weights have |w| far below aπ/2 = 1.6e3.
+A_RANGE = (1e-3, 1e3)
+B_RANGE = (1e-3, 1e3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +46,18 @@ class CompanderConfig(MethodConfig):
 
     def __post_init__(self):
         if self.a != "auto":
-            check_range(self.method, "a", self.a, 0.0, math.inf, low_open=True)
-        check_range(self.method, "b", self.b, 0.0, math.inf, low_open=True)
+            check_range(self.method, "a", self.a, *A_RANGE)
+        check_range(self.method, "b", self.b, *B_RANGE)
         if not isinstance(self.learnable, bool):
             raise ConfigError(f"compander: learnable={self.learnable!r} must be true or false")
 
     def check_weight(self, name: str, weight: torch.Tensor) -> None:
-        if self.a == "auto" or weight.device.type == "meta":
+        if weight.device.type == "meta":
+            return
+        if self.a == "auto":
+            if self.a_for(weight) > A_RANGE[1]:
+                raise ConfigError(f"compander: layer '{name}' has |w| up to {float(weight.detach().abs().max()):.4g}, "
+                                  f"so a='auto' would exceed a's range {list(A_RANGE)}; rescale or exclude the layer")
             return
         peak = float(weight.detach().abs().max())
         if peak >= self.a * math.pi / 2:
@@ -104,6 +114,15 @@ class Compander(nn.Module):
         return self.a / (self.b * (1 + (v / self.b) ** 2))
 
 
+def _check_state(module: nn.Module, state) -> None:
+    """Loaded a and b must be positive and finite in the layer's dtype (learned ones may leave A_RANGE)."""
+    for key in ("log_a", "log_b"):
+        value = state[f"parametrizations.weight.0.{key}"]
+        if not (value.exp().isfinite() & (value.exp() > 0)).all():
+            raise ValueError(f"{key}={float(value):.4g} makes {key[-1]} = exp({key}) zero or infinite in "
+                             f"{value.dtype}")
+
+
 def companders(model: nn.Module):
     """(module, Compander) for every companded weight in ``model``."""
     for module in model.modules():
@@ -128,4 +147,4 @@ def _undo(module: nn.Module) -> None:
 
 
 register(Method("compander", CompanderConfig, TARGETS, apply=_apply,
-                restore=lambda module, config: _apply(module, config), undo=_undo))
+                restore=lambda module, config: _apply(module, config), undo=_undo, check_state=_check_state))

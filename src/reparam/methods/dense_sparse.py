@@ -24,7 +24,7 @@ pattern can move. ``eval()`` packs S̃ back into values and indices.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,10 @@ class DenseSparseConfig(MethodConfig):
         return self.factorizer != "plain"
 
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        if self.pattern == "2:4" and min(in_features, out_features) < 4:
+            raise ConfigError(f"{self.method}: pattern '2:4' needs at least 4 atoms, but layer '{name}' is "
+                              f"{out_features}x{in_features} (atoms ≤ min(in, out) = "
+                              f"{min(in_features, out_features)}); drop the pattern for this layer or exclude it")
         if self.atoms is not None and self.atoms > min(in_features, out_features):
             raise ConfigError(f"{self.method}: atoms={self.atoms} exceeds min(in, out)="
                               f"{min(in_features, out_features)} of layer '{name}'; lower atoms or use size_ratio")
@@ -223,10 +227,15 @@ def top_mask(shadow: torch.Tensor, nnz: int, pattern: str | None) -> torch.Tenso
 class DenseSparseLinear(ReparamModule):
     """``nn.Linear`` with W = D·S: ``d`` (out, k), ``values`` and ``indices`` (s, in).
 
-    Fine-tune with STF: call ``model.train()`` *before* building the optimizer
-    (it creates each layer's dense ``shadow`` parameter), train, then
-    ``model.eval()`` to pack S again. ``state_dict`` always holds the packed
-    form, in either mode.
+    Fine-tune with STF: in ``train()`` mode S is the dense ``shadow`` (k, in)
+    parameter's top-s per column; ``eval()`` packs it into ``values`` and
+    ``indices``. The trainable tensors (``d``, ``values``, ``shadow``,
+    ``bias``) are the same objects for the module's whole life, so an
+    optimizer built at any time keeps updating what the forward uses across
+    eval/train cycles: ``shadow`` exists from the start, empty until the
+    first ``train()`` fills it (its data is set in place, the Parameter
+    kept). In training, ``values`` is frozen (the shadow carries S).
+    ``state_dict`` always holds the packed form, in either mode.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: DenseSparseConfig, *,
@@ -238,7 +247,9 @@ class DenseSparseLinear(ReparamModule):
         self.values = nn.Parameter(torch.empty(self.nnz, in_features, device=device, dtype=self.dtype))
         self.register_buffer("indices", torch.zeros(self.nnz, in_features, device=device,
                                                     dtype=index_dtype(self.atoms)))
-        self.shadow: nn.Parameter | None = None
+        # (k, in) while STF training has started, (0,) before; never saved.
+        self.shadow = nn.Parameter(torch.empty(0, device=device, dtype=self.dtype))
+        self._packed_version: tuple[int, int] | None = None  # (values, indices) versions the shadow matches
         self.training = False  # a converted layer starts packed, like a model in eval()
 
     def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
@@ -252,9 +263,17 @@ class DenseSparseLinear(ReparamModule):
         self.values.copy_(values)
         self.indices.copy_(indices)
 
+    def check_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        indices = state["indices"].long()
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.atoms):
+            raise ValueError(f"indices must lie in [0, {self.atoms}) (the atoms), found "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        if self.nnz > 1 and (indices.sort(0).values.diff(dim=0) == 0).any():
+            raise ValueError("an input channel lists the same atom twice in indices")
+
     def sparse(self) -> torch.Tensor:
         """S as a dense (k, in) matrix: the shadow's top-s in training, else the packed codes."""
-        if self.shadow is not None:
+        if self.training:
             return _TopS.apply(self.shadow, self.nnz, self.config.pattern)
         return sparse_to_dense(self.values, self.indices, self.atoms)
 
@@ -262,20 +281,30 @@ class DenseSparseLinear(ReparamModule):
         return self.d @ self.sparse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shadow is not None:
+        if self.training:
             return F.linear(F.linear(x, self.sparse()), self.d, self.bias)
         return dense_sparse_linear(x, self.d, self.values, self.indices, self.bias)
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        if mode and self.shadow is None:
-            self.shadow = nn.Parameter(sparse_to_dense(self.values.detach(), self.indices, self.atoms))
-            self.values.requires_grad_(False)  # the shadow carries S while training
-        elif not mode and self.shadow is not None:
+        if mode and not self.training:
+            self._unpack()
+        elif not mode and self.training:
             self._pack()
-            self.shadow = None
-            self.values.requires_grad_(True)
+        super().train(mode)
+        self.values.requires_grad_(not mode)  # in training the shadow carries S
         return self
+
+    def _versions(self) -> tuple[int, int]:
+        return self.values._version, self.indices._version
+
+    @torch.no_grad()
+    def _unpack(self) -> None:
+        """Fill the shadow from the packed codes, in place, unless it already
+        holds them (then its small entries, which let the pattern move, are kept)."""
+        if self.shadow.shape == (self.atoms, self.in_features) and self._packed_version == self._versions():
+            return
+        self.shadow.data = sparse_to_dense(self.values.detach(), self.indices, self.atoms)
+        self._packed_version = self._versions()
 
     @torch.no_grad()
     def _pack(self) -> None:
@@ -283,10 +312,23 @@ class DenseSparseLinear(ReparamModule):
         indices = kept.T.nonzero()[:, 1].view(self.in_features, self.nnz).T  # ascending atom order
         self.indices.copy_(indices)
         self.values.copy_(self.shadow.gather(0, indices))
+        self._packed_version = self._versions()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Saved models always hold the packed form, whatever the mode.
-        if self.shadow is not None:
+        if self.training:
             self._pack()
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + "shadow", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "shadow" in missing_keys:
+            missing_keys.remove(prefix + "shadow")  # never saved: rebuilt from the packed codes
+        if self.shadow.device != self.values.device:  # loaded by assignment into a meta skeleton
+            self.shadow = nn.Parameter(torch.empty(0, device=self.values.device, dtype=self.dtype))
+        self._packed_version = None
+        if self.training:
+            self._unpack()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..core.config import MethodConfig, check_choice
+from ..core.config import ConfigError, MethodConfig, check_choice
 from ..core.registry import Method, register
 from ..core.stats import LayerStats
 
@@ -37,6 +37,12 @@ class ScaleVectorConfig(MethodConfig):
 
     def __post_init__(self):
         check_choice(self.method, "sides", self.sides, SIDES)
+
+    def check_weight(self, name: str, weight: torch.Tensor) -> None:
+        # A norm's γ (1-D) becomes m·d/‖d‖: an all-zero γ gives 0/0 = NaN.
+        if weight.dim() == 1 and weight.device.type != "meta" and not weight.detach().abs().sum() > 0:
+            raise ConfigError(f"scale_vector: the scale γ of layer '{name}' is all zero, which has no direction "
+                              "(m·d/‖d‖ would be NaN); exclude the layer or initialize γ first")
 
 
 class MagnitudeDirection(nn.Module):
@@ -95,9 +101,20 @@ def _apply(module: nn.Module, config: ScaleVectorConfig, stats: LayerStats | Non
     return module
 
 
+def _check_state(module: nn.Module, state) -> None:
+    """Every direction the file holds must have a nonzero norm (it is divided by it)."""
+    directions = [k for k in state if k.endswith("_direction")]
+    if isinstance(module, NORMS):
+        directions.append("parametrizations.weight.original")
+    for key in directions:
+        if not state[key].abs().sum() > 0:
+            raise ValueError(f"'{key}' is all zero: a direction needs a nonzero norm")
+
+
 def _undo(module: nn.Module) -> None:
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     del module.reparam_config
 
 
-register(Method("scale_vector", ScaleVectorConfig, TARGETS, apply=_apply, restore=_apply, undo=_undo))
+register(Method("scale_vector", ScaleVectorConfig, TARGETS, apply=_apply, restore=_apply, undo=_undo,
+                check_state=_check_state))
