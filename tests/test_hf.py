@@ -151,12 +151,17 @@ def test_saved_recipe_is_the_model_as_it_is_at_save_time(tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
-def test_a_compressed_tied_lm_head_is_untied(tmp_path):
+def test_a_tied_lm_head_stays_tied_and_an_untied_one_compresses(tmp_path):
     model = tiny_llama()
+    with pytest.warns(UserWarning, match="shares its weight with 'model.embed_tokens'"):
+        reparam.convert(model, {"lm_head": {"method": "low_rank", "rank": 8}}, progress=False, strict=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # left alone: never stored twice
+
+    # Untied by the user first: compressed, and loading must not tie the dense embedding back onto it.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     reparam.convert(model, {"lm_head": {"method": "low_rank", "rank": 8}}, progress=False)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    # Its own factors, not the dense input embedding tied onto it.
     assert isinstance(loaded.lm_head, reparam.LowRankLinear) and "lm_head.weight" not in loaded.all_tied_weights_keys
     assert torch.equal(logits(loaded), logits(model))
 

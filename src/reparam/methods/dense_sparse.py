@@ -273,7 +273,8 @@ class DenseSparseLinear(ReparamModule):
 
     def sparse(self) -> torch.Tensor:
         """S as a dense (k, in) matrix: the shadow's top-s in training, else the packed codes."""
-        if self.training:
+        if self.training and self.values.device.type != "meta":  # a meta skeleton has no values to train
+            self._unpack()
             return _TopS.apply(self.shadow, self.nnz, self.config.pattern)
         return sparse_to_dense(self.values, self.indices, self.atoms)
 
@@ -301,13 +302,22 @@ class DenseSparseLinear(ReparamModule):
     def _unpack(self) -> None:
         """Fill the shadow from the packed codes, in place, unless it already
         holds them (then its small entries, which let the pattern move, are kept)."""
-        if self.shadow.shape == (self.atoms, self.in_features) and self._packed_version == self._versions():
+        if self._shadow_live() and self._packed_version == self._versions():
             return
-        self.shadow.data = sparse_to_dense(self.values.detach(), self.indices, self.atoms)
+        dense = sparse_to_dense(self.values.detach(), self.indices, self.atoms)
+        if self.shadow.device != dense.device:  # a skeleton filled by assignment (e.g. from_pretrained)
+            self.shadow = nn.Parameter(torch.empty(0, device=dense.device, dtype=self.dtype))
+        self.shadow.data = dense
         self._packed_version = self._versions()
+
+    def _shadow_live(self) -> bool:
+        """Whether the shadow holds S (it stays empty until training needs it)."""
+        return self.shadow.shape == (self.atoms, self.in_features)
 
     @torch.no_grad()
     def _pack(self) -> None:
+        if not self._shadow_live() or self.shadow.device.type == "meta":  # the packed codes are S
+            return
         kept = top_mask(self.shadow, self.nnz, self.config.pattern)
         indices = kept.T.nonzero()[:, 1].view(self.in_features, self.nnz).T  # ascending atom order
         self.indices.copy_(indices)
