@@ -40,7 +40,7 @@ def main() -> None:
     print(f"fidelity after conversion: {before:.4f}")
 
     targets = [embed(harness.fresh_model(), [batch]) for batch in harness.calib]  # the original's embeddings
-    # train() on the converted layers creates their STF shadows (build the
+    # train() on the converted layers fills their STF shadows (build the
     # optimizer after it); the rest of the model stays in eval, dropout off.
     layers = [m.train() for m in model.modules() if isinstance(m, reparam.DenseSparseLinear)]
     model.requires_grad_(False)  # only the factors train; everything else stays as it was

@@ -60,6 +60,15 @@ def test_stf_shadow_keeps_its_small_entries_over_eval_and_follows_a_load():
     torch.testing.assert_close(layer(x), other[0](x))
 
 
+def test_stf_keeps_a_frozen_layer_frozen():
+    model = stf_model()
+    model.requires_grad_(False)
+    model.train()
+    model.eval()
+    model.eval()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_float_bits_name_the_integer_choices():
     # Issue 12, item 14: bits=3.0 once passed the check and failed with "bits='auto' is resolved per layer".
     with pytest.raises(ConfigError, match=r"shift_add: bits=3.0 must be an integer from \[2, 3, 4\], or 'auto' "

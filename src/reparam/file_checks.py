@@ -115,7 +115,7 @@ def read_aliases(metadata: Mapping[str, str], keys: set[str], path: str) -> dict
     return aliases
 
 
-def check_targets(model: nn.Module, modules: Mapping[str, MethodConfig], path: str) -> None:
+def check_targets(model: nn.Module, modules: Mapping[str, MethodConfig], path: str = "the checkpoint") -> None:
     """Every module the file converts exists here, has a type its method
     supports, and a shape its config fits (before anything is allocated)."""
     names = dict(model.named_modules())

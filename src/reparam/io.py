@@ -17,9 +17,9 @@ file). Everything read is checked before the model changes (see
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import tempfile
 
 import torch
@@ -31,7 +31,7 @@ from . import integrations
 from .core.config import MethodConfig
 from .core.registry import get_method, module_config
 from .file_checks import (CHECKSUM_KEY, FORMAT_VERSION, FileFormatError, check_checksum, check_model, check_state,
-                          check_targets, check_values, data_checksum, read_aliases, read_recipe)
+                          check_targets, check_values, read_aliases, read_recipe)
 from .swap import ModuleSwaps
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "converted_modules", "load", "save"]
@@ -136,20 +136,27 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _finish_file(source: str, target: str) -> None:
     """Copy a safetensors file with its JSON header's keys sorted and the
-    SHA-256 of its data section added to the metadata.
+    SHA-256 of its data section added to the metadata, in one pass.
 
     safetensors writes the metadata map in hash order, which changes from
     one save to the next; the data section and its offsets do not depend on
-    the header's key order. Layout: u64 little-endian header length, the
-    JSON header padded with spaces to a multiple of 8, then the data.
+    the header's key order.
     """
     with open(source, "rb") as src, open(target, "wb") as dst:
-        length = int.from_bytes(src.read(8), "little")
-        header = json.loads(src.read(length))
-        header["__metadata__"][CHECKSUM_KEY] = data_checksum(src, 8 + length)
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        text += b" " * (-len(text) % 8)
-        dst.write(len(text).to_bytes(8, "little"))
-        dst.write(text)
-        src.seek(8 + length)
-        shutil.copyfileobj(src, dst)
+        header = json.loads(src.read(int.from_bytes(src.read(8), "little")))
+        dst.write(_header_bytes(header, "0" * 64))  # a placeholder of the digest's length
+        digest = hashlib.sha256()
+        while chunk := src.read(1 << 24):
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.seek(0)
+        dst.write(_header_bytes(header, digest.hexdigest()))
+
+
+def _header_bytes(header: dict, digest: str) -> bytes:
+    """u64 little-endian length + the JSON header (keys sorted, the data's
+    digest in its metadata), padded with spaces to a multiple of 8."""
+    header["__metadata__"][CHECKSUM_KEY] = digest
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text

@@ -250,6 +250,7 @@ class DenseSparseLinear(ReparamModule):
         # (k, in) while STF training has started, (0,) before; never saved.
         self.shadow = nn.Parameter(torch.empty(0, device=device, dtype=self.dtype))
         self._packed_version: tuple[int, int] | None = None  # (values, indices) versions the shadow matches
+        self._values_trainable = True  # values.requires_grad outside training (it is frozen in training)
         self.training = False  # a converted layer starts packed, like a model in eval()
 
     def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
@@ -289,11 +290,13 @@ class DenseSparseLinear(ReparamModule):
     def train(self, mode: bool = True):
         if mode and not self.training:
             self._unpack()
+            # In training the shadow carries S; ``values`` gets its own flag back in eval.
+            self._values_trainable = self.values.requires_grad
+            self.values.requires_grad_(False)
         elif not mode and self.training:
             self._pack()
-        super().train(mode)
-        self.values.requires_grad_(not mode)  # in training the shadow carries S
-        return self
+            self.values.requires_grad_(self._values_trainable)
+        return super().train(mode)
 
     def _versions(self) -> tuple[int, int]:
         return self.values._version, self.indices._version
