@@ -16,6 +16,7 @@ from typing import BinaryIO, Mapping
 import torch
 from torch import nn
 
+from .core.module import linear_shape
 from .core.config import ConfigError, MethodConfig
 from .core.registry import get_method, parse_config
 
@@ -134,8 +135,7 @@ def check_targets(model: nn.Module, modules: Mapping[str, MethodConfig], path: s
         if weight is None:
             raise FileFormatError(f"{path} converts '{name}', which has no weight in this model")
         try:
-            # (out, in) as convert sees it: a conv's in is in_channels·kernel, a norm's is 1.
-            config.check_layer(name, weight[0].numel() if weight.dim() > 1 else 1, weight.shape[0])
+            config.check_layer(name, *linear_shape(module))  # as convert sees it (Conv1D transposed, a norm's in is 1)
         except ConfigError as err:
             raise FileFormatError(f"{path} does not fit this model: {err}") from None
 
