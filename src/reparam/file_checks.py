@@ -16,8 +16,8 @@ from typing import BinaryIO, Mapping
 import torch
 from torch import nn
 
-from .core.module import linear_shape
 from .core.config import ConfigError, MethodConfig
+from .core.module import linear_shape
 from .core.registry import get_method, parse_config
 
 FORMAT_VERSION = 1
