@@ -11,6 +11,7 @@ from .calibration import collect_stats
 from .convert import apply, convert, plan_conversion
 from .core import (ConfigError, Factorizer, LayerStats, MethodConfig, Quantizer, ReparamModule,
                    get_method, known_methods)
+from . import optim
 from .fold import fold
 from .io import FileFormatError, converted_modules, load, save
 from .methods.affine import AffineConfig, AffineLinear
@@ -30,5 +31,5 @@ __all__ = [
     "AffineConfig", "AffineLinear", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "FileFormatError", "LayerReport", "LayerStats",
     "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig", "ShiftAddConfig", "ShiftAddLinear",
     "apply", "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
-    "parse_recipe", "plan_conversion", "save",
+    "optim", "parse_recipe", "plan_conversion", "save",
 ]

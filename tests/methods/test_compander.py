@@ -91,15 +91,36 @@ def test_weight_decay_rules():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     reparam.convert(model, {"0": {"method": "compander", "a": 2.0},
                             "1": {"method": "compander", "a": 2.0, "learnable": True}}, progress=False)
-    decay, fixed, ab = param_groups(model, 0.1, ab_lr=1e-3)
+    decay, no_decay, ab = param_groups(model, 0.1, ab_lr=1e-3)
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
     learned = model[1].parametrizations.weight
-    assert ids(fixed) == {id(model[0].parametrizations.weight.original)}
+    assert ids(decay) == {id(learned.original)}
+    assert ids(no_decay) == {id(model[0].parametrizations.weight.original), id(model[0].bias), id(model[1].bias)}
     assert ids(ab) == {id(learned[0].log_a), id(learned[0].log_b)}
-    assert ids(decay) == {id(p) for p in model.parameters()} - ids(fixed) - ids(ab)
-    assert (decay["weight_decay"], fixed["weight_decay"], ab["weight_decay"], ab["lr"]) == (0.1, 0.0, 0.0, 1e-3)
+    assert (decay["weight_decay"], no_decay["weight_decay"], ab["weight_decay"], ab["lr"]) == (0.1, 0.0, 0.0, 1e-3)
     # The penalty is on Ψ(v) of the fixed layer only.
     torch.testing.assert_close(weight_decay_penalty(model, 0.1), 0.05 * model[0].weight.square().sum())
+
+
+class _RMSNorm(nn.Module):  # a transformers-style norm: not a torch class, its name ends in "Norm"
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+
+def test_param_groups_follow_trainer_convention():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), _RMSNorm(8), nn.Linear(8, 4, bias=False))
+    reparam.convert(model, {"3": {"method": "scale_vector"}}, progress=False)
+    groups = param_groups(model, 0.1)
+    assert len(groups) == 2  # no compander: the a/b group would be empty and is left out
+    decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
+    assert decay == {id(model[0].weight), id(model[3].parametrizations.weight.original)}
+    scales = model[3].parametrizations.weight[0]
+    assert no_decay == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[2].weight),
+                        *(id(p) for p in scales.parameters())}
+    frozen = nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    assert param_groups(frozen, 0.1) == []  # frozen parameters are not handed to the optimizer
 
 
 def test_adaptive_step_scales_the_step_by_the_slope():
