@@ -1,0 +1,67 @@
+"""One rank of a gloo process group, run as a script by tests/test_distributed.py
+(a script, not an import: spawned processes cannot import pytest's test modules).
+
+    python distributed_worker.py SCENARIO RANK WORLD FOLDER
+"""
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import reparam
+from reparam.core.stats import LayerStats
+from reparam.distributed import Collective, RankFailed
+
+
+def stats(rank, world, folder):
+    x = torch.randn(96, 12, generator=torch.Generator().manual_seed(0))
+    shard = x[rank::world]
+    own, shared = LayerStats.from_inputs(shard), LayerStats.from_inputs(shard[:, :8])
+    collective = Collective()
+    collective.reduce_stats({"a": own, "b": shared, "c": shared})  # b and c share one object
+    save_file({"a": own.gram, "a_abs": own.abs_sum, "b": shared.gram, "count": torch.tensor([own.count, shared.count])},
+              os.path.join(folder, f"stats{rank}.safetensors"))
+    _report(folder, rank, {"bytes_moved": collective.bytes_moved})
+
+
+def agree(rank, world, folder):
+    collective = Collective()
+    try:
+        collective.agree(ValueError("bad calibration batch on rank 1") if rank == 1 else None)
+    except RankFailed as err:
+        _report(folder, rank, {"raised": "RankFailed", "message": str(err)})
+    except ValueError as err:
+        _report(folder, rank, {"raised": "ValueError", "message": str(err)})
+
+
+def dies(rank, world, folder):
+    collective = Collective()
+    if rank == 1:
+        os._exit(3)
+    start = time.perf_counter()
+    try:
+        collective.agree(None)
+    except RankFailed as err:
+        _report(folder, rank, {"raised": "RankFailed", "message": str(err), "seconds": time.perf_counter() - start})
+
+
+def _report(folder, rank, values):
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as file:
+        json.dump(values, file)
+
+
+if __name__ == "__main__":
+    scenario, rank, world, folder = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=20))
+    try:
+        globals()[scenario](rank, world, folder)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

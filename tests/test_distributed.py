@@ -1,0 +1,64 @@
+"""Conversion across processes: collectives checked with 2 real gloo processes on CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from reparam.core.stats import LayerStats
+from reparam.distributed import assign
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _run(scenario: str, folder: Path, world: int = 2, timeout: float = 120) -> list[dict]:
+    """Run ``world`` ranks of a worker scenario; returns each rank's report (None where it wrote none)."""
+    processes = [subprocess.Popen([sys.executable, str(WORKER), scenario, str(rank), str(world), str(folder)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for rank in range(world)]
+    for process in processes:
+        process.communicate(timeout=timeout)
+    reports = [folder / f"rank{rank}.json" for rank in range(world)]
+    return [json.loads(r.read_text()) if r.exists() else None for r in reports]
+
+
+def test_assign_balances_costs_and_is_deterministic():
+    costs = [5.0, 1.0, 4.0, 3.0, 3.0, 2.0]
+    owners = assign(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert sorted(loads) == [9.0, 9.0]
+    assert assign(costs, 2) == owners
+    assert assign([1.0, 1.0, 1.0], 4) == [0, 1, 2]  # more ranks than items: one each, ties to the lower rank
+
+
+def test_reduced_statistics_equal_those_of_all_the_data(tmp_path):
+    reports = _run("stats", tmp_path)
+    x = torch.randn(96, 12, generator=torch.Generator().manual_seed(0))
+    whole, first8 = LayerStats.from_inputs(x), LayerStats.from_inputs(x[:, :8])
+    for rank in range(2):
+        got = load_file(tmp_path / f"stats{rank}.safetensors")
+        # float64 sums of two halves versus one sum: equal up to the summation order.
+        torch.testing.assert_close(got["a"], whole.gram, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["a_abs"], whole.abs_sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["b"], first8.gram, rtol=1e-12, atol=1e-12)  # shared: reduced once, not twice
+        assert got["count"].tolist() == [96, 96]
+    # One all-reduce of the two unique statistics: (144 + 12 + 1 + 64 + 8 + 1) float64 values.
+    assert reports[0]["bytes_moved"] == 8 * 230
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    reports = _run("agree", tmp_path)
+    assert reports[1] == {"raised": "ValueError", "message": "bad calibration batch on rank 1"}
+    assert reports[0]["raised"] == "RankFailed"
+    assert reports[0]["message"] == ("conversion failed on rank 1 of 2, so every rank restored its model: "
+                                     "ValueError: bad calibration batch on rank 1")
+
+
+def test_a_dead_rank_fails_the_others_instead_of_hanging(tmp_path):
+    reports = _run("dies", tmp_path)
+    assert reports[1] is None
+    assert reports[0]["raised"] == "RankFailed"
+    assert "another rank probably died or stopped answering" in reports[0]["message"]
+    assert reports[0]["seconds"] < 30  # the process group's timeout is 20 s
