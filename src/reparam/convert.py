@@ -50,8 +50,11 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
         pipeline: how calibrated layers are converted (see :mod:`reparam.pipeline`).
             "sequential": block by block, each block calibrated on the outputs
             of the already converted blocks before it, holding one block's
-            statistics at a time; "one_pass": every layer calibrated at once on
-            the unconverted model; "auto" (default): sequential when the model
+            statistics at a time; "sequential_dense": block by block too, but
+            each block calibrated on the unconverted model's activations (the
+            statistics of one pass, in sequential's memory); "one_pass": every
+            layer calibrated at once on the unconverted model; "auto"
+            (default): sequential when the model
             has a stack of repeated blocks (e.g. a ModuleList of decoder
             layers) holding calibrated layers, else one pass.
         sequential_targets: the block stack for sequential conversion, as a

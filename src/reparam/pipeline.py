@@ -32,7 +32,7 @@ from .progress import progress_bar
 from .report import LayerReport
 from .swap import ModuleSwaps
 
-PIPELINES = ("auto", "sequential", "one_pass")
+PIPELINES = ("auto", "sequential", "sequential_dense", "one_pass")
 # Block arguments that would make a block keep a KV cache across calibration batches.
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
@@ -60,7 +60,9 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
 
     ``pipeline``: "sequential" needs calibration data and a block stack (found
     automatically, or named by ``sequential_targets``: a ModuleList's path or
-    the blocks' class name); "one_pass" calibrates every layer at once on the
+    the blocks' class name); "sequential_dense" goes block by block too, but
+    feeds each block the unconverted blocks' outputs (one pass's statistics in
+    sequential's memory); "one_pass" calibrates every layer at once on the
     unconverted model; "auto" is sequential when calibration is used and a
     block stack holds calibrated layers, else one pass.
     """
@@ -70,15 +72,16 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     blocks = []
     if pipeline != "one_pass" and calibrated:
         blocks = find_blocks(model, {p.name for p in plan if p.config.uses_calibration()}, sequential_targets)
-    if pipeline == "sequential" and not blocks:
+    if pipeline.startswith("sequential") and not blocks:
         reason = ("needs calibration data (calib=) and a config that uses it" if not calibrated else
                   "found no stack of repeated blocks holding calibrated layers; name it with "
                   "sequential_targets='<ModuleList path or block class>'")
-        raise ConfigError(f"pipeline='sequential' {reason}, or use pipeline='one_pass'")
+        raise ConfigError(f"pipeline={pipeline!r} {reason}, or use pipeline='one_pass'")
     rows: list[LayerReport] = []
     with ModuleSwaps(model) as swaps, eval_mode(model):
         if blocks:
-            _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress)
+            _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress,
+                        propagate=pipeline != "sequential_dense")
         else:
             _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress)
     order = {p.name: i for i, p in enumerate(plan)}
@@ -134,7 +137,7 @@ def _one_pass(model, plan, calib, resolve, swaps, rows, progress) -> None:
     fit_and_swap(swaps, resolve(plan, stats, progress=progress), stats, rows, progress=progress)
 
 
-def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress) -> None:
+def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *, propagate: bool) -> None:
     stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
     last = max(i for i, stage in enumerate(stages) if stage)
     blocks, stages = blocks[:last + 1], stages[:last + 1]  # the blocks after the last target need no pass
@@ -147,18 +150,14 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress) ->
     for i, ((_, block), items) in enumerate(progress_bar(list(zip(blocks, stages)), desc="converting blocks",
                                                           disable=not progress)):
         wanted = {p.name: p.module for p in items if p.config.uses_calibration()}
-        stats: dict[str, LayerStats] = {}
-        if wanted:
-            with torch.no_grad(), StatsCollector(wanted) as collector:
-                for x, call in zip(hidden, calls):
-                    collector.start_batch(call[i].mask)
-                    _run_block(block, x, call[i])
-            stats = collector.stats()
+        with StatsCollector(wanted) as collector:
+            unconverted = _block_outputs(block, hidden, calls, i, collector, keep=not propagate) \
+                if wanted or not propagate else None
+        stats = collector.stats()
         fit_and_swap(swaps, resolve(items, stats, progress=False), stats, rows, progress=False)
         del stats  # this block's statistics are freed before the next block's are collected
         if i + 1 < len(blocks):
-            with torch.no_grad():
-                hidden = [_hidden(_run_block(block, x, call[i])) for x, call in zip(hidden, calls)]
+            hidden = _block_outputs(block, hidden, calls, i) if propagate else unconverted
     del hidden, calls
     if outside:
         _one_pass(model, outside, batches, resolve, swaps, rows, progress)
@@ -230,12 +229,18 @@ def _no_cache(name: str | None, value: Any) -> Any:
     return False if name == "use_cache" and value is not None else value
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> Any:
-    return block(hidden, *call.args[1:], **call.kwargs)
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+@torch.no_grad()
+def _block_outputs(block: nn.Module, hidden: list[torch.Tensor], calls: list[list[BlockCall]], index: int,
+                   collector: StatsCollector | None = None, *, keep: bool = True) -> list[torch.Tensor]:
+    """Block ``index`` run on every batch's hidden state; its output hidden states (if ``keep``)."""
+    outputs = []
+    for x, call in zip(hidden, calls):
+        if collector is not None:
+            collector.start_batch(call[index].mask)
+        output = block(x, *call[index].args[1:], **call[index].kwargs)
+        if keep:
+            outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+    return outputs
 
 
 def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], rows: list[LayerReport], *,

@@ -13,6 +13,10 @@ class LayerStats:
     Only sums are kept, never activations, so memory is O(in²) per layer.
     Everything is float64 on CPU: Gram matrices of long calibration runs lose
     precision in float32, and every consumer decomposes them in float64.
+
+    Read-only for consumers: layers that read the same input tensor (q/k/v,
+    gate/up) share one object, so a method must never change it in place
+    (none does: fits copy what they modify, e.g. ``Compensation``'s permuted Hessian).
     """
 
     gram: torch.Tensor      # (in, in) float64: Σ xᵀx
