@@ -50,6 +50,46 @@ def dies(rank, world, folder):
         _report(folder, rank, {"raised": "RankFailed", "message": str(err), "seconds": time.perf_counter() - start})
 
 
+RECIPE = {"encoder.*": {"method": "low_rank", "size_ratio": 0.5}}
+
+
+def convert(rank, world, folder):
+    """MiniLM converted with each rank calibrating on its own shard of the sentences."""
+    from reparam.minilm import Harness
+
+    harness = Harness.build(n_calib=64, n_heldout=8)
+    model = harness.fresh_model()
+    report = reparam.convert(model, RECIPE, calib=harness.calib[rank::world], progress=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, f"model{rank}.safetensors"))
+    _report(folder, rank, {"communicated": report.communicated, "layers": len(report.layers)})
+
+
+def convert_fails(rank, world, folder):
+    """Rank 1's third fit raises: every rank must raise and restore its model."""
+    from reparam.methods.low_rank import LowRankLinear
+    from reparam.minilm import Harness
+
+    harness = Harness.build(n_calib=64, n_heldout=8)
+    model, original = harness.fresh_model(), harness.fresh_model()
+    if rank == 1:
+        fit, calls = LowRankLinear.fit, []
+
+        def failing_fit(self, weight, stats):
+            calls.append(1)
+            if len(calls) == 3:
+                raise FloatingPointError("injected failure in the third fit on rank 1")
+            return fit(self, weight, stats)
+
+        LowRankLinear.fit = failing_fit
+    try:
+        reparam.convert(model, RECIPE, calib=harness.calib[rank::world], progress=False)
+    except (FloatingPointError, RankFailed) as err:
+        state, before = model.state_dict(), original.state_dict()
+        restored = (list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in state)
+                    and [type(m) for m in model.modules()] == [type(m) for m in original.modules()])
+        _report(folder, rank, {"raised": type(err).__name__, "message": str(err), "restored": restored})
+
+
 def _report(folder, rank, values):
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as file:
         json.dump(values, file)

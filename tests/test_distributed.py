@@ -62,3 +62,35 @@ def test_a_dead_rank_fails_the_others_instead_of_hanging(tmp_path):
     assert reports[0]["raised"] == "RankFailed"
     assert "another rank probably died or stopped answering" in reports[0]["message"]
     assert reports[0]["seconds"] < 30  # the process group's timeout is 20 s
+
+
+def test_two_ranks_convert_minilm_like_one_process_on_all_the_data(tmp_path):
+    import reparam
+    from reparam.minilm import Harness
+
+    reports = _run("convert", tmp_path)
+    assert reports[0]["layers"] == reports[1]["layers"] == 36
+    assert reports[0]["communicated"] > 0
+    ranks = [load_file(tmp_path / f"model{rank}.safetensors") for rank in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical models on every rank
+
+    harness = Harness.build(n_calib=64, n_heldout=8)
+    single = harness.fresh_model()
+    reparam.convert(single, {"encoder.*": {"method": "low_rank", "size_ratio": 0.5}}, calib=harness.calib,
+                    progress=False)
+    twin = harness.fresh_model()  # the same structure (data-free fit), then the distributed result loaded into it
+    reparam.convert(twin, {"encoder.*": {"method": "low_rank", "size_ratio": 0.5}}, progress=False)
+    twin.load_state_dict(ranks[0])
+    # The statistics were summed in another order (two halves, then the all-reduce): float64 sums
+    # that differ in the last bits; the whitened SVD and the cast to float32 keep that below 1e-5.
+    for name, module in single.named_modules():
+        if isinstance(module, reparam.LowRankLinear):
+            torch.testing.assert_close(twin.get_submodule(name).weight, module.weight, rtol=1e-5, atol=1e-5)
+
+
+def test_an_error_on_one_rank_restores_every_rank(tmp_path):
+    reports = _run("convert_fails", tmp_path)
+    assert reports[1] == {"raised": "FloatingPointError", "message": "injected failure in the third fit on rank 1",
+                          "restored": True}
+    assert reports[0]["raised"] == "RankFailed" and reports[0]["restored"]
+    assert "FloatingPointError: injected failure in the third fit on rank 1" in reports[0]["message"]

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from . import integrations
+from . import distributed, integrations
 from .core.config import ConfigError, MethodConfig
 from .core.module import linear_shape
 from .core.registry import Method, get_method, module_config, parse_config
@@ -30,7 +30,7 @@ class Planned:
 
 def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = None, *,
             strict: bool = True, progress: bool = True, pipeline: str = "auto",
-            sequential_targets: str | None = None) -> ConversionReport:
+            sequential_targets: str | None = None, group: Any = None) -> ConversionReport:
     """Reparameterize the modules of ``model`` that ``recipe`` selects, in place.
 
     Everything is validated before the model is touched: the recipe, every
@@ -60,6 +60,10 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
         sequential_targets: the block stack for sequential conversion, as a
             ModuleList's path (``"model.layers"``) or the blocks' class name
             (``"LlamaDecoderLayer"``); default: found automatically.
+        group: a ``torch.distributed`` process group to convert across (see
+            :mod:`reparam.distributed`); by default the initialized default
+            group, if any has more than one rank. Each rank passes its own
+            shard of the calibration data; every rank ends with the same model.
 
     Returns:
         A :class:`ConversionReport`; ``print(report)`` shows a table with totals.
@@ -73,10 +77,11 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     _check_not_meta(plan)
     _check_calibration(plan, calib)
     untouched = _untouched(model, rules, plan)
+    collective = distributed.current(group)
     rows = run_pipeline(model, plan, calib, _resolve, pipeline=pipeline, sequential_targets=sequential_targets,
-                        progress=progress)
+                        progress=progress and (collective is None or collective.rank == 0), collective=collective)
     integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
-    return ConversionReport(rows, untouched=untouched)
+    return ConversionReport(rows, untouched=untouched, communicated=collective.bytes_moved if collective else 0)
 
 
 def apply(module: nn.Module, config: MethodConfig | dict, stats: LayerStats | None = None) -> nn.Module:

@@ -22,7 +22,7 @@ pipeline does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from torch import nn
 
 from .core.stats import LayerStats
 
+T = TypeVar("T")
 MESSAGE_BYTES = 2048  # room for an error message sent to the other ranks
 
 
@@ -125,6 +126,20 @@ def current(group: dist.ProcessGroup | None = None) -> Collective | None:
         return None
     collective = Collective(group)
     return collective if collective.world > 1 else None
+
+
+def step(collective: Collective | None, work: Callable[[], T]) -> T:
+    """``work()`` on this rank; with a collective, every rank then learns
+    whether any rank failed, and raises if one did (see :meth:`Collective.agree`)."""
+    if collective is None:
+        return work()
+    try:
+        result = work()
+    except Exception as err:  # every error, so that the other ranks raise too instead of waiting
+        collective.agree(err)
+        raise
+    collective.agree(None)
+    return result
 
 
 def assign(costs: Sequence[float], ranks: int) -> list[int]:

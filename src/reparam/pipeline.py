@@ -26,8 +26,9 @@ from torch import nn
 
 from .calibration import StatsCollector, batch_mask, collect_stats, eval_mode, run_model
 from .core.config import ConfigError
-from .core.module import linear_weight, state_nbytes, state_numel
+from .core.module import linear_shape, linear_weight, state_nbytes, state_numel
 from .core.stats import LayerStats
+from .distributed import Collective, fitting_cost, step
 from .progress import progress_bar
 from .report import LayerReport
 from .swap import ModuleSwaps
@@ -55,7 +56,7 @@ class _StopForward(Exception):
 
 def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, resolve: Resolve, *,
                  pipeline: str = "auto", sequential_targets: str | None = None,
-                 progress: bool = True) -> list[LayerReport]:
+                 progress: bool = True, collective: Collective | None = None) -> list[LayerReport]:
     """Fit and swap every item of ``plan`` (all or nothing) and return its report rows, in plan order.
 
     ``pipeline``: "sequential" needs calibration data and a block stack (found
@@ -65,6 +66,10 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     sequential's memory); "one_pass" calibrates every layer at once on the
     unconverted model; "auto" is sequential when calibration is used and a
     block stack holds calibrated layers, else one pass.
+
+    ``collective``: the ranks of a distributed conversion (``reparam.distributed``):
+    statistics are summed over the ranks' calibration shards, each rank fits
+    its share of every stage's layers, and the fitted tensors are broadcast.
     """
     if pipeline not in PIPELINES:
         raise ConfigError(f"pipeline={pipeline!r} is not one of {list(PIPELINES)}")
@@ -81,9 +86,9 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     with ModuleSwaps(model) as swaps, eval_mode(model):
         if blocks:
             _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress,
-                        propagate=pipeline != "sequential_dense")
+                        propagate=pipeline != "sequential_dense", collective=collective)
         else:
-            _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress)
+            _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress, collective)
     order = {p.name: i for i, p in enumerate(plan)}
     return sorted(rows, key=lambda r: order[r.name])
 
@@ -131,33 +136,44 @@ def _inside(name: str, prefix: str) -> bool:
     return name.startswith(prefix + ".")
 
 
-def _one_pass(model, plan, calib, resolve, swaps, rows, progress) -> None:
+def _one_pass(model, plan, calib, resolve, swaps, rows, progress, collective=None) -> None:
     wanted = {p.name: p.module for p in plan if calib is not None and p.config.uses_calibration()}
-    stats = collect_stats(model, calib, wanted, progress=progress) if wanted else {}
-    fit_and_swap(swaps, resolve(plan, stats, progress=progress), stats, rows, progress=progress)
+    stats = step(collective, lambda: collect_stats(model, calib, wanted, progress=progress) if wanted else {})
+    if collective is not None:
+        collective.reduce_stats(stats)
+    fit_and_swap(swaps, resolve(plan, stats, progress=progress), stats, rows, progress=progress,
+                 collective=collective)
 
 
-def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *, propagate: bool) -> None:
+def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *, propagate: bool,
+                collective: Collective | None = None) -> None:
     stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
     last = max(i for i, stage in enumerate(stages) if stage)
     blocks, stages = blocks[:last + 1], stages[:last + 1]  # the blocks after the last target need no pass
     staged = {id(p) for stage in stages for p in stage}
     outside = [p for p in plan if id(p) not in staged]
-    calls = capture_block_inputs(model, batches, [block for _, block in blocks])
+    calls = step(collective, lambda: capture_block_inputs(model, batches, [block for _, block in blocks]))
     hidden = [call[0].args[0] for call in calls]  # (B, T, hidden) per batch, the first block's input
     for call in calls:
         call[0].args[0] = None  # held once, in `hidden`
     for i, ((_, block), items) in enumerate(progress_bar(list(zip(blocks, stages)), desc="converting blocks",
                                                           disable=not progress)):
         wanted = {p.name: p.module for p in items if p.config.uses_calibration()}
-        with StatsCollector(wanted) as collector:
-            unconverted = _block_outputs(block, hidden, calls, i, collector, keep=not propagate) \
-                if wanted or not propagate else None
-        stats = collector.stats()
-        fit_and_swap(swaps, resolve(items, stats, progress=False), stats, rows, progress=False)
+
+        def calibrate():
+            with StatsCollector(wanted) as collector:
+                outputs = _block_outputs(block, hidden, calls, i, collector, keep=not propagate) \
+                    if wanted or not propagate else None
+            return collector.stats(), outputs
+
+        stats, unconverted = step(collective, calibrate)
+        if collective is not None:
+            collective.reduce_stats(stats)
+        fit_and_swap(swaps, resolve(items, stats, progress=False), stats, rows, progress=False,
+                     collective=collective)
         del stats  # this block's statistics are freed before the next block's are collected
         if i + 1 < len(blocks):
-            hidden = _block_outputs(block, hidden, calls, i) if propagate else unconverted
+            hidden = step(collective, lambda: _block_outputs(block, hidden, calls, i)) if propagate else unconverted
     del hidden, calls
     if outside:
         _one_pass(model, outside, batches, resolve, swaps, rows, progress)
@@ -244,15 +260,34 @@ def _block_outputs(block: nn.Module, hidden: list[torch.Tensor], calls: list[lis
 
 
 def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], rows: list[LayerReport], *,
-                 progress: bool) -> None:
+                 progress: bool, collective: Collective | None = None) -> None:
     """Fit each plan item, swap it in, and append its report row. Each layer's
-    statistics are released as soon as it is fitted (shared ones with their last reader)."""
-    for item in progress_bar(items, desc="converting", disable=not progress, total=len(items)):
-        layer_stats = stats.pop(item.name, None)
-        before_numel, before_bytes = state_numel(item.module), state_nbytes(item.module)
-        original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
-        new = swaps.swap(item.name, item.method, lambda old: item.method.apply(old, item.config, layer_stats),
-                         aliases=item.aliases)
+    statistics are released as soon as it is fitted (shared ones with their last reader).
+
+    With a ``collective`` each rank fits the items assigned to it and builds
+    empty skeletons for the others, which are then filled from their owners;
+    in-place methods (cheap, data-free) run on every rank.
+    """
+    owners = collective.owners([fitting_cost(*linear_shape(p.module)) for p in items]) if collective else None
+
+    def fit_mine() -> list[tuple]:
+        done = []
+        for i, item in enumerate(progress_bar(items, desc="converting", disable=not progress, total=len(items))):
+            layer_stats = stats.pop(item.name, None)
+            before = state_numel(item.module), state_nbytes(item.module)
+            original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
+            owner = None if owners is None or item.method.undo is not None else owners[i]
+            if owner is None or owner == collective.rank:
+                build = lambda old: item.method.apply(old, item.config, layer_stats)  # noqa: E731
+            else:
+                build = lambda old: item.method.restore(old, item.config)  # noqa: E731
+            done.append((item, swaps.swap(item.name, item.method, build, aliases=item.aliases), owner,
+                         layer_stats, original, before))
+        return done
+
+    for item, new, owner, layer_stats, original, (numel, nbytes) in step(collective, fit_mine):
+        if owner is not None:
+            collective.share(new, owner)
         error = layer_stats.output_error(original, new.weight) if layer_stats is not None else None
-        rows.append(LayerReport(item.name, item.method.name, before_numel, state_numel(new),
-                                before_bytes, state_nbytes(new), error))
+        rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
+                                error))

@@ -20,6 +20,7 @@ class ConversionReport:
     layers: list[LayerReport]
     # Per module type, how many modules the recipe's methods support were left unconverted.
     untouched: dict[str, int] = dataclasses.field(default_factory=dict)
+    communicated: int = 0  # bytes the collectives of a distributed conversion moved (per rank)
 
     @property
     def bytes_before(self) -> int:
@@ -40,7 +41,7 @@ class ConversionReport:
     def to_dict(self) -> dict:
         return {"layers": [dataclasses.asdict(r) for r in self.layers],
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
-                "untouched": dict(self.untouched)}
+                "untouched": dict(self.untouched), "communicated": self.communicated}
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.layers] + [len("total")])
