@@ -31,7 +31,8 @@ def calib():
 
 def test_tiny_llama_sequential_equals_converting_block_by_block_by_hand():
     model, by_hand = tiny_llama(), tiny_llama()
-    report = reparam.convert(model, {"model.layers.*": WHITENED}, calib=calib(), progress=False)
+    report = reparam.convert(model, {"model.layers.*": WHITENED}, calib=calib(), pipeline="sequential",
+                             progress=False)
     assert len(report.layers) == 21
     for i in range(3):  # each block calibrated by a whole-model pass over the blocks converted before it
         reparam.convert(by_hand, {f"model.layers.{i}.*": WHITENED}, calib=calib(), pipeline="one_pass",

@@ -98,7 +98,8 @@ def test_sequential_equals_one_pass_with_one_block():
 def test_sequential_calibrates_each_block_on_the_converted_blocks_before_it():
     # Reference: convert the blocks one at a time, each calibrated by a whole-model pass.
     sequential, by_hand = twins()
-    reparam.convert(sequential, {"blocks.*": WHITENED, "head": WHITENED}, calib=calib(), progress=False)
+    reparam.convert(sequential, {"blocks.*": WHITENED, "head": WHITENED}, calib=calib(), pipeline="sequential",
+                    progress=False)
     for i in range(3):
         reparam.convert(by_hand, {f"blocks.{i}.*": WHITENED}, calib=calib(), pipeline="one_pass", progress=False)
     reparam.convert(by_hand, {"head": WHITENED}, calib=calib(), progress=False)
@@ -118,8 +119,9 @@ def test_sequential_dense_has_the_statistics_of_one_pass():
     assert_same_weights(blockwise, one_pass)
 
 
+@pytest.mark.parametrize("pipeline", ["sequential", "sequential_dense"])
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_error_in_the_middle_block_restores_the_whole_model(monkeypatch, error):
+def test_error_in_the_middle_block_restores_the_whole_model(monkeypatch, error, pipeline):
     model = Stack()
     model.blocks[1].norm.eval()  # a submodule with its own flag
     before = snapshot(model)
@@ -134,7 +136,7 @@ def test_error_in_the_middle_block_restores_the_whole_model(monkeypatch, error):
 
     monkeypatch.setattr(LowRankLinear, "fit", failing_fit)
     with pytest.raises(type(error)):
-        reparam.convert(model, {"blocks.*": WHITENED}, calib=calib(), progress=False)
+        reparam.convert(model, {"blocks.*": WHITENED}, calib=calib(), pipeline=pipeline, progress=False)
     assert len(calls) == 6
     assert_unchanged(model, before)
 
@@ -157,7 +159,7 @@ def test_layers_reading_one_tensor_share_statistics():
     assert stats["blocks.0.k"].count == x.shape[0]
 
 
-@pytest.mark.parametrize("pipeline", ["sequential", "one_pass"])
+@pytest.mark.parametrize("pipeline", ["sequential", "sequential_dense", "one_pass"])
 def test_train_eval_flags_are_kept_and_new_layers_take_their_predecessors(pipeline):
     model = Stack()
     model.train()
@@ -245,6 +247,6 @@ def test_statistics_are_freed_as_soon_as_their_layers_are_fitted(monkeypatch):
         fit(self, weight, stats)
 
     monkeypatch.setattr(LowRankLinear, "fit", spy)
-    reparam.convert(Stack(), {"blocks.*": WHITENED}, calib=calib(), progress=False)
+    reparam.convert(Stack(), {"blocks.*": WHITENED}, calib=calib(), progress=False)  # auto: block by block
     # q, k, v share one LayerStats (alive until v is fitted); out has its own; nothing outlives its block
     assert alive == [0, 1, 2, 0] * 3

@@ -34,6 +34,12 @@ from .report import LayerReport
 from .swap import ModuleSwaps
 
 PIPELINES = ("auto", "sequential", "sequential_dense", "one_pass")
+# What "auto" runs when the model has a block stack. Propagating the converted
+# blocks' outputs ("sequential") measured slightly worse than the unconverted
+# activations on MiniLM (affine 3-bit GPTQ fidelity 0.9616 vs 0.9618; low_rank
+# 0.8: 0.9226 vs 0.9237) and SmolLM2 (affine 4-bit GPTQ perplexity 15.69 vs
+# 15.59): docs/llm.md.
+AUTO_BLOCKWISE = "sequential_dense"
 # Block arguments that would make a block keep a KV cache across calibration batches.
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
@@ -64,8 +70,8 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     the blocks' class name); "sequential_dense" goes block by block too, but
     feeds each block the unconverted blocks' outputs (one pass's statistics in
     sequential's memory); "one_pass" calibrates every layer at once on the
-    unconverted model; "auto" is sequential when calibration is used and a
-    block stack holds calibrated layers, else one pass.
+    unconverted model; "auto" is ``AUTO_BLOCKWISE`` when calibration is used
+    and a block stack holds calibrated layers, else one pass.
 
     ``collective``: the ranks of a distributed conversion (``reparam.distributed``):
     statistics are summed over the ranks' calibration shards, each rank fits
@@ -74,6 +80,7 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     if pipeline not in PIPELINES:
         raise ConfigError(f"pipeline={pipeline!r} is not one of {list(PIPELINES)}")
     calibrated = calib is not None and any(p.config.uses_calibration() for p in plan)
+    propagate = pipeline == "sequential" or (pipeline == "auto" and AUTO_BLOCKWISE == "sequential")
     blocks = []
     if pipeline != "one_pass" and calibrated:
         blocks = find_blocks(model, {p.name for p in plan if p.config.uses_calibration()}, sequential_targets)
@@ -85,8 +92,8 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     rows: list[LayerReport] = []
     with ModuleSwaps(model) as swaps, eval_mode(model):
         if blocks:
-            _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress,
-                        propagate=pipeline != "sequential_dense", collective=collective)
+            _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress, propagate=propagate,
+                        collective=collective)
         else:
             _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress, collective)
     order = {p.name: i for i, p in enumerate(plan)}
