@@ -288,13 +288,21 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
                 build = lambda old: item.method.apply(old, item.config, layer_stats)  # noqa: E731
             else:
                 build = lambda old: item.method.restore(old, item.config)  # noqa: E731
-            done.append((item, swaps.swap(item.name, item.method, build, aliases=item.aliases), owner,
-                         layer_stats, original, before))
+            new = swaps.swap(item.name, item.method, build, aliases=item.aliases)
+            if owner is None or owner == collective.rank:  # measured now, so the statistics can go
+                done.append((item, new, owner, _output_error(layer_stats, original, new), before))
+            else:  # measured once its owner's tensors arrive
+                done.append((item, new, owner, (layer_stats, original), before))
         return done
 
-    for item, new, owner, layer_stats, original, (numel, nbytes) in step(collective, fit_mine):
+    for item, new, owner, error, (numel, nbytes) in step(collective, fit_mine):
         if owner is not None:
             collective.share(new, owner)
-        error = layer_stats.output_error(original, new.weight) if layer_stats is not None else None
+            if isinstance(error, tuple):
+                error = _output_error(*error, new)
         rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
                                 error))
+
+
+def _output_error(stats: LayerStats | None, original: torch.Tensor | None, new: nn.Module) -> float | None:
+    return stats.output_error(original, new.weight) if stats is not None else None
