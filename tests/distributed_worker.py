@@ -61,6 +61,7 @@ def convert(rank, world, folder):
     model = harness.fresh_model()
     report = reparam.convert(model, RECIPE, calib=harness.calib[rank::world], progress=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(folder, f"model{rank}.safetensors"))
+    reparam.save(model, os.path.join(folder, f"saved{rank}.safetensors"))  # only rank 0 writes
     _report(folder, rank, {"communicated": report.communicated, "layers": len(report.layers)})
 
 

@@ -73,6 +73,7 @@ def test_two_ranks_convert_minilm_like_one_process_on_all_the_data(tmp_path):
     assert reports[0]["communicated"] > 0
     ranks = [load_file(tmp_path / f"model{rank}.safetensors") for rank in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # identical models on every rank
+    assert (tmp_path / "saved0.safetensors").exists() and not (tmp_path / "saved1.safetensors").exists()
 
     harness = Harness.build(n_calib=64, n_heldout=8)
     single = harness.fresh_model()

@@ -48,7 +48,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
     The bytes depend only on the model (metadata keys are sorted), and the
     file appears only once complete (written beside ``path``, then renamed).
+    In a distributed run (``torch.distributed`` initialized) only rank 0
+    writes: after ``convert`` every rank holds the same model.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
