@@ -193,3 +193,26 @@ def test_dense_weights_are_released_after_convert():
     del weight
     reparam.convert(model, {"Linear": LR}, progress=False)
     assert len(ref) == 0
+
+
+class _Opaque(torch.Tensor):
+    """A weight reparam cannot read, like torchao's quantized tensors (only detach and alias dispatch)."""
+
+    @staticmethod
+    def __new__(cls, data):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+            return args[0]
+        raise NotImplementedError(f"_Opaque dispatch: {func}")
+
+
+def test_tensor_subclass_weights_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    model[0].weight = nn.Parameter(_Opaque(torch.randn(4, 8)), requires_grad=False)
+    with pytest.raises(ConfigError, match=r"layer '0' holds its weight as _Opaque, a tensor subclass \(e.g. "
+                                          r"quantized by torchao's quantize_\); reparam fits plain floating-point"):
+        reparam.convert(model, {"Linear": "w4-rtn"}, progress=False)
+    assert type(model[1]) is nn.Linear

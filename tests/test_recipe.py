@@ -3,6 +3,7 @@ import json
 import pytest
 from torch import nn
 
+import reparam
 from reparam import ConfigError, LowRankConfig, parse_recipe, plan_conversion
 
 
@@ -116,3 +117,29 @@ def test_list_rule_excludes_only_with_explicit_null(tmp_path):
 def test_config_json_round_trip():
     config = LowRankConfig(size_ratio=0.25, factorizer="asvd", asvd_alpha=0.75)
     assert LowRankConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_callable_filter_and_suffix_patterns():
+    def wide_inputs(module, name):  # torchao's filter_fn(module, fqn) convention
+        return isinstance(module, nn.Linear) and module.in_features == 8 and not name.endswith("key")
+
+    assert sorted(planned({wide_inputs: LR})) == ["blocks.0.out", "blocks.0.query", "blocks.1.out", "blocks.1.query"]
+    assert sorted(planned({"suffix:query": LR, "suffix:0.key": LR})) == ["blocks.0.key", "blocks.0.query",
+                                                                          "blocks.1.query"]
+    assert sorted(planned([{"targets": [wide_inputs], "ignore": "suffix:out", "method": "low_rank", "rank": 2}])) \
+        == ["blocks.0.query", "blocks.1.query"]
+    assert str(parse_recipe({wide_inputs: LR})[0]) == "<filter wide_inputs>"
+
+
+def test_presets_expand_to_their_configs_and_accept_overrides():
+    from reparam.presets import PRESETS
+
+    configs = planned({"head": "w4-gptq", "blocks.*.query": "shift_add-3bit"})
+    assert configs["head"] == reparam.AffineConfig(bits=4, fit="gptq")
+    assert configs["blocks.0.query"] == reparam.ShiftAddConfig(bits=3)
+    assert planned([{"targets": "head", "method": "W4A16", "group_size": 32}])["head"] == \
+        reparam.AffineConfig(bits=4, symmetric=True, group_size=32, fit="gptq")
+    assert all(parse_recipe({"head": name}) for name in PRESETS)  # every preset is a valid config
+    with pytest.raises(ConfigError, match=r"unknown preset 'w5-gptq'; presets are \[.*'w4-gptq'.*\]; or give a "
+                                          r"config dict with a 'method' key, one of \["):
+        parse_recipe({"head": "w5-gptq"})

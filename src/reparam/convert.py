@@ -114,10 +114,13 @@ def plan_conversion(model: nn.Module, rules: list[Rule], *, strict: bool = True)
     # Every name, aliases included, so that a module registered twice can be selected by either name.
     modules = dict(model.named_modules(remove_duplicate=False))
     modules.pop("", None)  # the root cannot be swapped in place
+    adapters = _adapter_prefixes(modules)
     plan: list[Planned] = []
     hits: list[list[str]] = [[] for _ in rules]
     eligible = [0] * len(rules)
     for name, module in modules.items():
+        if any(name == prefix or _inside(name, prefix) for prefix in adapters) and not _named(name, rules):
+            continue  # a peft adapter (lora_A, lora_B, ...): converted only when a rule names it exactly
         winner = None
         for i, rule in enumerate(rules):
             if not rule.matches(name, module):
@@ -135,6 +138,22 @@ def plan_conversion(model: nn.Module, rules: list[Rule], *, strict: bool = True)
     for item in plan:
         _check_module(item)
     return plan
+
+
+def _adapter_prefixes(modules: dict[str, nn.Module]) -> list[str]:
+    """Names of the adapter submodules of peft's tuner layers (all their children but ``base_layer``);
+    found by class name, so peft is never imported here."""
+    return [f"{name}.{child}" for name, module in modules.items()
+            if any(cls.__name__ == "BaseTunerLayer" for cls in type(module).__mro__)
+            for child, _ in module.named_children() if child != "base_layer"]
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+def _named(name: str, rules: list[Rule]) -> bool:
+    return any(str(p) == name for rule in rules for p in rule.targets)
 
 
 def _aliased(plan: list[Planned], modules: dict[str, nn.Module]) -> list[Planned]:
@@ -210,7 +229,7 @@ def _untouched(model: nn.Module, rules: list[Rule], plan: list[Planned]) -> dict
     for module in model.modules():
         if id(module) not in converted and any(m.supports(module) for m in methods.values()):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
-    if counts.get("Conv1D") and any(p.text == "Linear" for r in rules for p in r.targets):
+    if counts.get("Conv1D") and any(str(p) == "Linear" for r in rules for p in r.targets):
         warnings.warn(f"the rule for class 'Linear' left {counts['Conv1D']} transformers Conv1D layer(s) "
                       "untouched (Linear layers with a transposed weight, as in GPT-2); select them with "
                       "'Conv1D' or by name", stacklevel=3)
@@ -219,7 +238,7 @@ def _untouched(model: nn.Module, rules: list[Rule], plan: list[Planned]) -> dict
 
 def _unmatched(rule: Rule, hits: list[str], modules: dict[str, nn.Module], strict: bool) -> None:
     if not hits:
-        close = difflib.get_close_matches(rule.targets[0].text, list(modules), n=5, cutoff=0.5)
+        close = difflib.get_close_matches(str(rule.targets[0]), list(modules), n=5, cutoff=0.5)
         hint = f"; close module names: {close}" if close else ""
         message = f"pattern '{rule}' matches no module{hint}. Fix the pattern, or pass strict=False to skip it"
     elif all(module_config(modules[h]) is not None for h in hits):  # a layer takes one method
@@ -231,7 +250,7 @@ def _unmatched(rule: Rule, hits: list[str], modules: dict[str, nn.Module], stric
         found = sorted({type(modules[h]).__name__ for h in hits})
         message = (f"pattern '{rule}' selects {len(hits)} module(s) of type {found}, but method "
                    f"'{method.name}' supports only {method.target_names}; select those layers, "
-                   f"e.g. '{rule.targets[0].text}.*' for the layers inside")
+                   f"e.g. '{rule.targets[0]}.*' for the layers inside")
     if strict:
         raise ConfigError(message)
     warnings.warn(message, stacklevel=3)
@@ -242,6 +261,10 @@ def _check_module(item: Planned) -> None:
     if weight is None:
         raise ConfigError(f"layer '{item.name}' has no weight for '{item.method.name}' to reparameterize; "
                           "exclude it from the recipe")
+    if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter):
+        raise ConfigError(f"layer '{item.name}' holds its weight as {type(weight).__name__}, a tensor subclass "
+                          "(e.g. quantized by torchao's quantize_); reparam fits plain floating-point weights. "
+                          "Convert the original model instead, or exclude this layer")
     if isinstance(weight, torch.Tensor):
         in_features, out_features = linear_shape(item.module)
         item.config.check_layer(item.name, in_features, out_features)

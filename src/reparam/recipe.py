@@ -8,8 +8,14 @@ error, never a silent exclusion), or the path of a YAML or JSON file holding
 either form. The first rule that matches a module wins.
 
 A pattern is an exact module name, a glob (``*`` and ``?``, where ``*``
-crosses dots), ``re:`` plus a regex that must match the whole name, or a
-module class name such as ``Linear``.
+crosses dots), ``re:`` plus a regex that must match the whole name,
+``suffix:`` plus the last dotted parts of a name (peft's ``target_modules``:
+``suffix:query`` matches ``encoder.layer.0.attention.self.query``), a module
+class name such as ``Linear``, or a callable ``filter(module, name) -> bool``
+(torchao's ``filter_fn``).
+
+A config is a dict with a ``method`` key, a config object, or the name of a
+preset (``"w4-gptq"``, ``"shift_add-3bit"``; see :mod:`reparam.presets`).
 """
 from __future__ import annotations
 
@@ -19,23 +25,27 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
 from .core.config import ConfigError, MethodConfig
 from .core.registry import known_methods, parse_config
+from .presets import PRESETS, preset
 
 RecipeLike = Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike
 
 
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    text: str
+    text: str | Callable[[nn.Module, str], bool]
 
     def __post_init__(self):
-        if not isinstance(self.text, str) or not self.text:
-            raise ConfigError(f"a pattern must be a non-empty string, got {self.text!r}")
+        if callable(self.text):
+            return
+        if not isinstance(self.text, str) or not self.text or self.text in ("re:", "suffix:"):
+            raise ConfigError(f"a pattern must be a non-empty string or a callable filter(module, name), "
+                              f"got {self.text!r}")
         if self.text.startswith("re:"):
             try:
                 re.compile(self.text[3:])
@@ -43,11 +53,19 @@ class Pattern:
                 raise ConfigError(f"pattern {self.text!r} is not a valid regex: {err}") from err
 
     def matches(self, name: str, module: nn.Module) -> bool:
+        if callable(self.text):
+            return bool(self.text(module, name))
         if self.text.startswith("re:"):
             return re.fullmatch(self.text[3:], name) is not None
+        if self.text.startswith("suffix:"):
+            suffix = self.text[len("suffix:"):]
+            return name == suffix or name.endswith("." + suffix)
         if any(c in self.text for c in "*?["):
             return fnmatch.fnmatchcase(name, self.text)
         return name == self.text or type(module).__name__ == self.text
+
+    def __str__(self) -> str:
+        return self.text if isinstance(self.text, str) else f"<filter {getattr(self.text, '__name__', self.text)}>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +82,7 @@ class Rule:
                 and not any(p.matches(name, module) for p in self.ignore))
 
     def __str__(self) -> str:
-        return " | ".join(p.text for p in self.targets)
+        return " | ".join(str(p) for p in self.targets)
 
 
 def parse_recipe(recipe: RecipeLike) -> list[Rule]:
@@ -82,7 +100,11 @@ def parse_recipe(recipe: RecipeLike) -> list[Rule]:
     return rules
 
 
-def _rule(targets: Sequence[str], value: Any, ignore: Sequence[str] = ()) -> Rule:
+def _rule(targets: Sequence[Any], value: Any, ignore: Sequence[Any] = ()) -> Rule:
+    if isinstance(value, str):
+        value = preset(value)
+    elif isinstance(value, Mapping) and isinstance(value.get("method"), str) and value["method"] in PRESETS:
+        value = {**preset(value["method"]), **{k: v for k, v in value.items() if k != "method"}}
     config = None if value is None else parse_config(value)
     return Rule(tuple(Pattern(t) for t in targets), config, tuple(Pattern(p) for p in ignore))
 
@@ -102,8 +124,8 @@ def _rule_from_entry(entry: Any) -> Rule:
     entry = dict(entry)
     targets = entry.pop("targets")
     ignore = entry.pop("ignore", ())
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    ignore = [ignore] if isinstance(ignore, str) else list(ignore)
+    targets = [targets] if isinstance(targets, str) or callable(targets) else list(targets)
+    ignore = [ignore] if isinstance(ignore, str) or callable(ignore) else list(ignore)
     if not targets:
         raise ConfigError(f"rule {entry!r} has no targets")
     if entry["method"] is None and len(entry) > 1:

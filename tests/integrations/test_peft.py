@@ -77,3 +77,13 @@ def test_lora_fine_tunes_shift_add_minilm(minilm):
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_convert_leaves_peft_adapters_alone_unless_named():
+    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16))
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0"]))
+    report = reparam.convert(peft_model, {"Linear": {"method": "low_rank", "rank": 4}}, progress=False)
+    assert sorted(r.name for r in report.layers) == ["base_model.model.0.base_layer", "base_model.model.2"]
+    named = "base_model.model.0.lora_A.default"
+    report = reparam.convert(peft_model, {named: {"method": "low_rank", "rank": 2}}, progress=False)
+    assert [r.name for r in report.layers] == [named]
