@@ -250,3 +250,26 @@ def test_statistics_are_freed_as_soon_as_their_layers_are_fitted(monkeypatch):
     reparam.convert(Stack(), {"blocks.*": WHITENED}, calib=calib(), progress=False)  # auto: block by block
     # q, k, v share one LayerStats (alive until v is fitted); out has its own; nothing outlives its block
     assert alive == [0, 1, 2, 0] * 3
+
+
+class Reversed(Stack):
+    def forward(self, x, attention_mask=None):
+        h = self.embed(x)
+        for block in reversed(self.blocks):
+            h = block(h, attention_mask, scale=0.5)
+        return self.head(h)
+
+
+def test_blocks_that_do_not_run_in_order_fall_back_to_one_pass_under_auto():
+    torch.manual_seed(0)
+    auto, one_pass = Reversed(), Reversed()
+    one_pass.load_state_dict(auto.state_dict())
+    reparam.convert(auto, {"blocks.*": WHITENED}, calib=calib(), progress=False)
+    reparam.convert(one_pass, {"blocks.*": WHITENED}, calib=calib(), pipeline="one_pass", progress=False)
+    assert_same_weights(auto, one_pass)
+    model = Reversed()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"sequential conversion needs every block to run once per forward, in "
+                                          r"order; block 2 ran after 0 block\(s\). Use pipeline='one_pass'"):
+        reparam.convert(model, {"blocks.*": WHITENED}, calib=calib(), pipeline="sequential", progress=False)
+    assert_unchanged(model, before)

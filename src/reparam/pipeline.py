@@ -56,6 +56,11 @@ class BlockCall:
     mask: torch.Tensor | None  # (B, T) attention mask of the batch, to drop padding from statistics
 
 
+class BlockOrderError(ConfigError):
+    """The block stack does not run once per forward, in order, with its hidden
+    state first: sequential conversion cannot replay it ("auto" falls back to one pass)."""
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once the last block's inputs are recorded."""
 
@@ -79,6 +84,9 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     """
     if pipeline not in PIPELINES:
         raise ConfigError(f"pipeline={pipeline!r} is not one of {list(PIPELINES)}")
+    if pipeline == "one_pass" and sequential_targets is not None:
+        raise ConfigError("sequential_targets names blocks for block-by-block conversion, which "
+                          "pipeline='one_pass' does not do; drop one of them")
     calibrated = calib is not None and any(p.config.uses_calibration() for p in plan)
     propagate = pipeline == "sequential" or (pipeline == "auto" and AUTO_BLOCKWISE == "sequential")
     blocks = []
@@ -92,8 +100,14 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     rows: list[LayerReport] = []
     with ModuleSwaps(model) as swaps, eval_mode(model):
         if blocks:
-            _sequential(model, plan, list(calib), blocks, resolve, swaps, rows, progress, propagate=propagate,
-                        collective=collective)
+            batches = list(calib)
+            try:
+                _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, propagate=propagate,
+                            collective=collective)
+            except BlockOrderError:  # the same model on every rank: each rank raises it, and each falls back
+                if pipeline != "auto":
+                    raise
+                _one_pass(model, plan, batches, resolve, swaps, rows, progress, collective)  # nothing swapped yet
         else:
             _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress, collective)
     order = {p.name: i for i, p in enumerate(plan)}
@@ -199,10 +213,10 @@ def capture_block_inputs(model: nn.Module, batches: list[Any], blocks: list[nn.M
     def hook(index: int):
         def capture(block: nn.Module, args: tuple, kwargs: dict) -> None:
             if len(current) != index:
-                raise ConfigError(f"sequential conversion needs every block to run once per forward, in "
+                raise BlockOrderError(f"sequential conversion needs every block to run once per forward, in "
                                   f"order; block {index} ran after {len(current)} block(s). Use pipeline='one_pass'")
             if not args:
-                raise ConfigError("sequential conversion needs each block's hidden state as its first positional "
+                raise BlockOrderError("sequential conversion needs each block's hidden state as its first positional "
                                   "argument; use pipeline='one_pass'")
             args, kwargs = _without_cache(block, args, kwargs)
             if index > 0:
@@ -223,7 +237,7 @@ def capture_block_inputs(model: nn.Module, batches: list[Any], blocks: list[nn.M
                 except _StopForward:
                     pass
                 if len(current) != len(blocks):
-                    raise ConfigError(f"calibration reached {len(current)} of the {len(blocks)} blocks; "
+                    raise BlockOrderError(f"calibration reached {len(current)} of the {len(blocks)} blocks; "
                                       "use pipeline='one_pass'")
                 mask = batch_mask(batch)
                 for call in current:
