@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -105,8 +106,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .io import describe
-
     rows = describe(args.path)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -118,6 +117,43 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{r['module']:<{width}}  {r['method']:<13} {r['bytes']:>10,}  {config}")
     print(f"{len(rows)} converted modules, {sum(r['bytes'] for r in rows):,} bytes")
     return 0
+
+
+# Bytes per element of each safetensors dtype name.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def describe(path: str | Path) -> list[dict]:
+    """Per converted module: name, method, config and stored bytes, from the
+    checkpoint's headers and config alone (no tensor data is read).
+
+    ``path``: a directory written by ``save_pretrained`` of a converted model,
+    or a file written by ``reparam.save``.
+    """
+    from safetensors import safe_open
+
+    from .file_checks import read_recipe
+
+    path = Path(path)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        if config.get("quant_method") != "reparam":
+            raise ValueError(f"{path} holds no reparam model: its config.json has no quantization_config "
+                             "with quant_method 'reparam'")
+        modules, files = config["modules"], sorted(path.glob("*.safetensors"))
+    else:
+        with safe_open(str(path), framework="pt") as file:
+            modules = {name: c.to_dict() for name, c in read_recipe(file.metadata() or {}, str(path)).items()}
+        files = [path]
+    sizes: dict[str, int] = {}
+    for name in files:
+        with safe_open(str(name), framework="pt") as file:
+            for key in file.keys():
+                tensor = file.get_slice(key)
+                sizes[key] = math.prod(tensor.get_shape()) * ITEMSIZE[tensor.get_dtype()]
+    return [{"module": name, "method": config["method"], "config": config,
+             "bytes": sum(n for key, n in sizes.items() if key.startswith(name + "."))}
+            for name, config in sorted(modules.items())]
 
 
 def _eval(args: argparse.Namespace) -> int:

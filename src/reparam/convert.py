@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import warnings
 from typing import Any, Iterable
 
@@ -17,6 +18,8 @@ from .core.stats import LayerStats
 from .pipeline import run_pipeline
 from .recipe import RecipeLike, Rule, parse_recipe
 from .report import ConversionReport
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -79,6 +82,8 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     _check_calibration(plan, calib)
     untouched = _untouched(model, rules, plan)
     collective = distributed.current(group)
+    logger.info("converting %d modules (%s)%s", len(plan), ", ".join(sorted({p.method.name for p in plan})),
+                f" on {collective.world} ranks" if collective else "")
     rows = run_pipeline(model, plan, calib, _resolve, pipeline=pipeline, sequential_targets=sequential_targets,
                         progress=progress and (collective is None or collective.rank == 0), collective=collective)
     integrations.converted(model)  # a transformers model: save_pretrained writes it compressed

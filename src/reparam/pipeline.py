@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -33,6 +35,7 @@ from .progress import progress_bar
 from .report import LayerReport
 from .swap import ModuleSwaps
 
+logger = logging.getLogger(__name__)
 PIPELINES = ("auto", "sequential", "sequential_dense", "one_pass")
 # What "auto" runs when the model has a block stack. Propagating the converted
 # blocks' outputs ("sequential") measured slightly worse than the unconverted
@@ -190,14 +193,17 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
         stats, unconverted = step(collective, calibrate)
         if collective is not None:
             collective.reduce_stats(stats)
+        start = time.perf_counter()
         fit_and_swap(swaps, resolve(items, stats, progress=False), stats, rows, progress=False,
                      collective=collective)
+        logger.info("block %d/%d (%s): %d layers fitted in %.1f s", i + 1, len(blocks), blocks[i][0], len(items),
+                    time.perf_counter() - start)
         del stats  # this block's statistics are freed before the next block's are collected
         if i + 1 < len(blocks):
             hidden = step(collective, lambda: _block_outputs(block, hidden, calls, i)) if propagate else unconverted
     del hidden, calls
     if outside:
-        _one_pass(model, outside, batches, resolve, swaps, rows, progress)
+        _one_pass(model, outside, batches, resolve, swaps, rows, progress, collective)
 
 
 def capture_block_inputs(model: nn.Module, batches: list[Any], blocks: list[nn.Module]) -> list[list[BlockCall]]:

@@ -1,7 +1,10 @@
-"""What ``convert`` changed: per layer and in total."""
+"""What ``convert`` changed: per layer and in total, as text, markdown, CSV
+or a pandas DataFrame."""
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,6 +16,9 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     output_error: float | None = None  # ‖(W − Ŵ)X‖ / ‖WX‖ on calibration inputs
+
+
+COLUMNS = [f.name for f in dataclasses.fields(LayerReport)] + ["ratio"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,35 @@ class ConversionReport:
         return {"layers": [dataclasses.asdict(r) for r in self.layers],
                 "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
                 "untouched": dict(self.untouched), "communicated": self.communicated}
+
+    def to_markdown(self) -> str:
+        """One row per layer, as a markdown table (bytes exact, output error to 4 decimals)."""
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+        for row in self._rows():
+            lines.append("| " + " | ".join("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                                           for v in row.values()) + " |")
+        return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        """One row per layer, with a header row; write it to a file or read it with any CSV tool."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self._rows())
+        return out.getvalue()
+
+    def to_dataframe(self):
+        """One row per layer as a ``pandas.DataFrame`` (needs pandas)."""
+        try:
+            import pandas
+        except ImportError as err:
+            raise ImportError("ConversionReport.to_dataframe needs pandas: pip install pandas "
+                              "(to_csv and to_markdown need nothing)") from err
+        return pandas.DataFrame(self._rows(), columns=COLUMNS)
+
+    def _rows(self) -> list[dict]:
+        return [{**dataclasses.asdict(r), "ratio": r.bytes_after / r.bytes_before if r.bytes_before else None}
+                for r in self.layers]
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.layers] + [len("total")])
