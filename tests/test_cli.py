@@ -41,7 +41,9 @@ def test_convert_inspect_eval_on_minilm(tmp_path, capsys):
 
     assert main(["eval", str(out), "--base", str(base), "--text", str(tmp_path / "heldout.txt")]) == 0
     fidelity = float(capsys.readouterr().out.strip().rsplit(" ", 1)[1])
-    assert 0.8 < fidelity < 1.0  # half-size whitened low-rank: about 0.83 in benchmarks/results/low_rank.md
+    # Half-size whitened low-rank: 0.83 with 128 calibration sentences (benchmarks/results/low_rank.md),
+    # 0.80 with these 64; plain SVD (no calibration) would give about 0.34.
+    assert 0.75 < fidelity < 1.0
 
 
 def test_errors_are_one_line_with_the_fix(tmp_path, capsys):
