@@ -159,4 +159,17 @@ class QuantizedLinear(ReparamModule):
         return weight[:, :self.in_features].to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bitplane_linear(x, self.planes, *self.linear_form(), self.config.group_size, self.bias)
+        return bitplane_linear(x, self.planes, *self._cached_linear_form(), self.config.group_size, self.bias)
+
+    def _cached_linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``linear_form()``, recomputed only when ``params`` changes (in place, by a load, or by a move), so a
+        forward allocates nothing but its output."""
+        form = lambda: tuple(t.contiguous() for t in self.linear_form())  # noqa: E731 (the kernels' layout)
+        if torch.compiler.is_compiling():
+            return form()
+        key = (id(self.params), self.params.data_ptr(), self.params._version, self.params.device)
+        cached = self.__dict__.get("_linear_form_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, form())
+            self.__dict__["_linear_form_cache"] = cached
+        return cached[1]
