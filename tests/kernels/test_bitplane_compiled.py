@@ -61,10 +61,19 @@ def test_dispatch_matches_reference_on_batched_shapes(tokens, random_layer):
     assert_close_to_reference(result, x, planes, coef, offset, 32, b)
 
 
-def test_wrong_coefficient_layout_is_refused(random_layer):
+@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
+def test_coefficients_in_any_strides(isa, op, random_layer):
+    planes, coef, offset, b = random_layer(130, 200, 3, 64)
+    x = torch.randn(2, 200)
+    outputs_contiguous = coef.transpose(1, 2).contiguous().transpose(1, 2), offset.T.contiguous().T
+    result = getattr(ops, op)(x, planes, *outputs_contiguous, 64, b)
+    assert_close_to_reference(result, x, planes, coef, offset, 64, b)
+
+
+def test_wrong_coefficient_shape_is_refused(random_layer):
     planes, coef, offset, b = random_layer(64, 64, 3, 32)
-    with pytest.raises(RuntimeError, match=r"coef must be contiguous float32 \(bits, out, groups\) = \(3, 64, 2\)"):
-        ops.bitplane_lut(torch.randn(1, 64), planes, coef.transpose(1, 2).contiguous(), offset, 32, b)
+    with pytest.raises(RuntimeError, match=r"coef must be float32 \(bits, out, groups\) = \(3, 64, 2\), got \[3, 2, 64\]"):
+        ops.bitplane_lut(torch.randn(1, 64), planes, coef.transpose(1, 2), offset, 32, b)
 
 
 def shift_add_layer(in_features=96, out_features=70):

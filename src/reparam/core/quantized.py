@@ -164,10 +164,14 @@ class QuantizedLinear(ReparamModule):
     def _cached_linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``linear_form()``, recomputed only when ``params`` changes (in place, by a load, or by a move), so a
         forward allocates nothing but its output."""
-        form = lambda: tuple(t.contiguous() for t in self.linear_form())  # noqa: E731 (the kernels' layout)
+        def form():  # outputs contiguous: the compiled kernels load a group's coefficients as vectors
+            coef, offset = self.linear_form()
+            return coef.transpose(1, 2).contiguous().transpose(1, 2), offset.T.contiguous().T
+
         if torch.compiler.is_compiling():
             return form()
-        key = (id(self.params), self.params.data_ptr(), self.params._version, self.params.device)
+        params = self.params
+        key = (params.data_ptr(), params._version, id(params))  # a move or a new tensor changes the address
         cached = self.__dict__.get("_linear_form_cache")
         if cached is None or cached[0] != key:
             cached = (key, form())

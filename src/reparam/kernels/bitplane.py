@@ -63,7 +63,7 @@ def decode_weight(planes: torch.Tensor, coef: torch.Tensor, offset: torch.Tensor
                   dtype: torch.dtype) -> torch.Tensor:
     """The (out, padded in) weight in ``dtype``."""
     out_features, groups = offset.shape
-    weight = offset.to(dtype)[:, :, None].expand(out_features, groups, group_size).clone()
+    weight = offset.to(dtype)[:, :, None].expand(out_features, groups, group_size).contiguous()
     # unpack_bits with shifts made here: a module-level tensor would break fake-tensor tracing (torch.compile).
     shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
     for plane, c in zip(planes, coef.to(dtype)):
@@ -133,7 +133,7 @@ def bitplane_linear(x, planes, coef, offset, group_size, bias=None):
         kernel = bitplane_gemv if tokens <= GEMV_MAX_TOKENS else bitplane_triton
         return kernel(x, planes, coef, offset, group_size, bias)
     compiled = cpu_kernels_for(x)
-    if compiled is not None:
+    if compiled is not None:  # coef and offset in any strides; outputs contiguous is fastest
         kernel = compiled.bitplane_lut if tokens <= LUT_MAX_TOKENS else compiled.bitplane_decode_mm
         return kernel(x, planes, coef, offset, group_size, bias)
     if tokens <= TORCH_LUT_MAX_TOKENS:

@@ -43,6 +43,7 @@ namespace {
 constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
 constexpr int64_t kTokensPerPass = 4;  // token tables held in registers at once
 constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile: (in, 128) floats stay in L2
+constexpr int64_t kMaxBits = 8;
 
 std::atomic<int> isa_limit{kIsaAvx512};
 
@@ -61,9 +62,15 @@ int active_isa() { return std::min(detected_isa(), isa_limit.load()); }
 
 struct Layer {
   const uint8_t* planes;  // (bits, nbytes, out)
-  const float* coef;      // (bits, out, groups)
-  const float* offset;    // (out, groups)
+  const float* coef;      // (bits, out, groups), strided: coef_stride_* per index
+  const float* offset;    // (out, groups), strided
   int64_t bits, nbytes, out, groups, group_bytes;
+  int64_t coef_stride_i, coef_stride_o, coef_stride_g, offset_stride_o, offset_stride_g;
+
+  float coef_at(int64_t i, int64_t o, int64_t g) const {
+    return coef[i * coef_stride_i + o * coef_stride_o + g * coef_stride_g];
+  }
+  float offset_at(int64_t o, int64_t g) const { return offset[o * offset_stride_o + g * offset_stride_g]; }
 };
 
 Layer layer_of(const at::Tensor& planes, const at::Tensor& coef, const at::Tensor& offset, int64_t group_size,
@@ -71,21 +78,24 @@ Layer layer_of(const at::Tensor& planes, const at::Tensor& coef, const at::Tenso
   TORCH_CHECK(planes.dim() == 3 && planes.scalar_type() == at::kByte && planes.is_contiguous(),
               "reparam: planes must be a contiguous uint8 (bits, padded_in/8, out) tensor");
   const int64_t bits = planes.size(0), nbytes = planes.size(1), out = planes.size(2);
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "reparam: ", bits, " planes; the kernels take 1 to ", kMaxBits);
   TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && (nbytes * 8) % group_size == 0,
               "reparam: group_size ", group_size, " must be a multiple of 8 dividing the padded input ", nbytes * 8);
   const int64_t groups = nbytes * 8 / group_size;
-  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.is_contiguous() && coef.dim() == 3 && coef.size(0) == bits &&
-                  coef.size(1) == out && coef.size(2) == groups,
-              "reparam: coef must be contiguous float32 (bits, out, groups) = (", bits, ", ", out, ", ", groups,
-              "), got ", coef.sizes(), " ", coef.scalar_type());
-  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.is_contiguous() && offset.dim() == 2 &&
-                  offset.size(0) == out && offset.size(1) == groups,
-              "reparam: offset must be contiguous float32 (out, groups) = (", out, ", ", groups, "), got ",
-              offset.sizes(), " ", offset.scalar_type());
+  // Any strides: a (bits, groups, out) tensor viewed as (bits, out, groups) makes outputs contiguous, the
+  // fastest layout (QuantizedLinear caches it so).
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 3 && coef.size(0) == bits && coef.size(1) == out &&
+                  coef.size(2) == groups,
+              "reparam: coef must be float32 (bits, out, groups) = (", bits, ", ", out, ", ", groups, "), got ",
+              coef.sizes(), " ", coef.scalar_type());
+  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.dim() == 2 && offset.size(0) == out &&
+                  offset.size(1) == groups,
+              "reparam: offset must be float32 (out, groups) = (", out, ", ", groups, "), got ", offset.sizes(), " ",
+              offset.scalar_type());
   TORCH_CHECK(in_features <= nbytes * 8, "reparam: input has ", in_features, " features, the planes hold ",
               nbytes * 8);
   return {planes.data_ptr<uint8_t>(), coef.data_ptr<float>(), offset.data_ptr<float>(), bits, nbytes, out, groups,
-          group_size / 8};
+          group_size / 8, coef.stride(0), coef.stride(1), coef.stride(2), offset.stride(0), offset.stride(1)};
 }
 
 at::Tensor output_for(const at::Tensor& x, int64_t out) {
@@ -136,7 +146,7 @@ void lut_block_scalar(const Lut& lut, int64_t g, int64_t i, int64_t o0, int64_t 
         sums[t] += table[byte & 15] + table[16 + (byte >> 4)];
       }
     }
-    const float c = w.coef[(i * w.out + o) * w.groups + g];
+    const float c = w.coef_at(i, o, g);
     for (int64_t t = 0; t < tok; ++t) acc[t * ld + o - o0] += c * sums[t];
   }
 }
@@ -148,7 +158,7 @@ __attribute__((target("avx512f"))) void lut_block_avx512(const Lut& lut, int64_t
                                                          int64_t t0, float* acc, int64_t ld) {
   const Layer& w = lut.layer;
   const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(w.groups)));
+                                           _mm512_set1_epi32(static_cast<int>(w.coef_stride_o)));
   __m512 sums[TOK][4];
   for (int t = 0; t < TOK; ++t)
     for (int p = 0; p < 4; ++p) sums[t][p] = _mm512_setzero_ps();
@@ -169,9 +179,10 @@ __attribute__((target("avx512f"))) void lut_block_avx512(const Lut& lut, int64_t
                                                              _mm512_permutexvar_ps(high[p], high_table)));
     }
   }
-  const float* coef = w.coef + (i * w.out + o0) * w.groups + g;  // stride groups between outputs
+  const float* coef = w.coef + i * w.coef_stride_i + o0 * w.coef_stride_o + g * w.coef_stride_g;
   for (int p = 0; p < 4; ++p) {
-    const __m512 c = _mm512_i32gather_ps(lanes, coef + 16 * p * w.groups, 4);
+    const float* first = coef + 16 * p * w.coef_stride_o;
+    const __m512 c = w.coef_stride_o == 1 ? _mm512_loadu_ps(first) : _mm512_i32gather_ps(lanes, first, 4);
     for (int t = 0; t < TOK; ++t) {
       float* dst = acc + t * ld + 16 * p;
       _mm512_storeu_ps(dst, _mm512_fmadd_ps(c, sums[t][p], _mm512_loadu_ps(dst)));
@@ -191,7 +202,7 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const Lut& lut, int64_t 
                                                         int64_t t0, float* acc, int64_t ld) {
   const Layer& w = lut.layer;
   const __m256i lanes = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm256_set1_epi32(static_cast<int>(w.groups)));
+                                           _mm256_set1_epi32(static_cast<int>(w.coef_stride_o)));
   __m256 sums[TOK][4];
   for (int t = 0; t < TOK; ++t)
     for (int p = 0; p < 4; ++p) sums[t][p] = _mm256_setzero_ps();
@@ -209,9 +220,10 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const Lut& lut, int64_t 
       }
     }
   }
-  const float* coef = w.coef + (i * w.out + o0) * w.groups + g;
+  const float* coef = w.coef + i * w.coef_stride_i + o0 * w.coef_stride_o + g * w.coef_stride_g;
   for (int p = 0; p < 4; ++p) {
-    const __m256 c = _mm256_i32gather_ps(coef + 8 * p * w.groups, lanes, 4);
+    const float* first = coef + 8 * p * w.coef_stride_o;
+    const __m256 c = w.coef_stride_o == 1 ? _mm256_loadu_ps(first) : _mm256_i32gather_ps(first, lanes, 4);
     for (int t = 0; t < TOK; ++t) {
       float* dst = acc + t * ld + 8 * p;
       _mm256_storeu_ps(dst, _mm256_fmadd_ps(c, sums[t][p], _mm256_loadu_ps(dst)));
@@ -266,8 +278,7 @@ void finish_block(const Layer& w, const float* acc, int64_t ld, const float* xsu
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t o = o0; o < o0 + n; ++o) {
       float value = acc[t * ld + o - o0] + (bias ? bias[o] : 0.f);
-      const float* offset = w.offset + o * w.groups;
-      for (int64_t g = 0; g < w.groups; ++g) value += offset[g] * xsum[t * w.groups + g];
+      for (int64_t g = 0; g < w.groups; ++g) value += w.offset_at(o, g) * xsum[t * w.groups + g];
       y[t * w.out + o] = static_cast<scalar_t>(value);
     }
 }
@@ -312,20 +323,28 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
   return y;
 }
 
-// Columns [b0·8, b1·8) of the transposed tile: tile[j, o] = W[o0 + o, j], n outputs per row.
+// Columns [b0·8, b1·8) of the transposed tile: tile[j, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs. Each
+// group's coef and offset are first copied contiguous over outputs, so the inner loops vectorize.
 #ifdef REPARAM_X86
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 void decode_rows(const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* tile) {
+  float coef[kMaxBits][kDecodeTile], offset[kDecodeTile];
+  int64_t loaded = -1;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t g = b / w.group_bytes;
+    if (g != loaded) {
+      for (int64_t o = 0; o < n; ++o) offset[o] = w.offset_at(o0 + o, g);
+      for (int64_t i = 0; i < w.bits; ++i)
+        for (int64_t o = 0; o < n; ++o) coef[i][o] = w.coef_at(i, o0 + o, g);
+      loaded = g;
+    }
     for (int k = 0; k < 8; ++k) {
       float* dst = tile + (b * 8 + k) * n;
-      for (int64_t o = 0; o < n; ++o) dst[o] = w.offset[(o0 + o) * w.groups + g];
+      for (int64_t o = 0; o < n; ++o) dst[o] = offset[o];
       for (int64_t i = 0; i < w.bits; ++i) {
         const uint8_t* row = w.planes + (i * w.nbytes + b) * w.out + o0;
-        const float* coef = w.coef + (i * w.out + o0) * w.groups + g;
-        for (int64_t o = 0; o < n; ++o) dst[o] += static_cast<float>((row[o] >> k) & 1) * coef[o * w.groups];
+        for (int64_t o = 0; o < n; ++o) dst[o] += static_cast<float>((row[o] >> k) & 1) * coef[i][o];
       }
     }
   }
