@@ -205,7 +205,7 @@ if triton is not None:
         # Program (o, k) owns outputs [o·BLOCK_O, +BLOCK_O) and K steps k, k + SPLIT_K, …
         # of 32 columns (one group's slice: group sizes are multiples of 32). The
         # (BLOCK_O, 32) weight tile is decoded in registers, multiplied with the
-        # (BLOCK_T, 32) activations by broadcast-and-sum (too few tokens for tl.dot),
+        # (BLOCK_T, 32) activations (broadcast-and-sum below 16 tokens, tl.dot from 16),
         # and the (BLOCK_T, BLOCK_O) partial sum added to the float32 y atomically.
         BLOCK_K: tl.constexpr = 32
         ro = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -227,7 +227,10 @@ if triton is not None:
                 c = tl.load(coef_ptr + (i * out_features + ro) * groups + g, mask=o_ok, other=0.0)
                 w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c[:, None]
             w += tl.load(offset_ptr + ro * groups + g, mask=o_ok, other=0.0)[:, None]
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+            if BLOCK_T >= 16:  # enough rows for the matrix units; ieee keeps float32 exact (no tf32)
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         tl.atomic_add(y_ptr + rt[:, None] * out_features + ro[None, :], acc, mask=t_ok[:, None] & o_ok[None, :])
 
     GEMV_CONFIGS = [triton.Config({"BLOCK_O": block_o, "SPLIT_K": split_k}, num_warps=warps)

@@ -16,16 +16,26 @@ namespace {
 
 // z (tokens, atoms) = x·Sᵀ by scatter-add of the s·in products, then y = z·Dᵀ + b.
 template <typename scalar_t, typename value_t, typename index_t>
-void sparse_codes(const scalar_t* x, const value_t* values, const index_t* indices, int64_t tokens, int64_t in,
-                  int64_t nnz, int64_t atoms, float* z) {
+void sparse_codes(const scalar_t* __restrict__ x, const value_t* __restrict__ values,
+                  const index_t* __restrict__ indices, int64_t tokens, int64_t in, int64_t nnz, int64_t atoms,
+                  float* __restrict__ z) {
+  // Indices are checked in one pass first: a stray one would write outside z.
+  const int64_t count = nnz * in;
+  bool inside = true;
+  for (int64_t e = 0; e < count; ++e) inside &= indices[e] >= 0 && static_cast<int64_t>(indices[e]) < atoms;
+  if (!inside) {
+    for (int64_t e = 0; e < count; ++e)
+      TORCH_CHECK(indices[e] >= 0 && static_cast<int64_t>(indices[e]) < atoms, "reparam: dense_sparse index ",
+                  static_cast<int64_t>(indices[e]), " outside [0, ", atoms, ")");
+  }
   std::fill(z, z + tokens * atoms, 0.f);
-  for (int64_t r = 0; r < nnz; ++r)
-    for (int64_t j = 0; j < in; ++j) {
-      const int64_t atom = static_cast<int64_t>(indices[r * in + j]);
-      TORCH_CHECK(atom >= 0 && atom < atoms, "reparam: dense_sparse index ", atom, " outside [0, ", atoms, ")");
-      const float value = static_cast<float>(values[r * in + j]);
-      for (int64_t t = 0; t < tokens; ++t) z[t * atoms + atom] += value * static_cast<float>(x[t * in + j]);
-    }
+  for (int64_t t = 0; t < tokens; ++t) {
+    const scalar_t* row = x + t * in;
+    float* codes = z + t * atoms;
+    for (int64_t r = 0; r < nnz; ++r)
+      for (int64_t j = 0; j < in; ++j)
+        codes[indices[r * in + j]] += static_cast<float>(values[r * in + j]) * static_cast<float>(row[j]);
+  }
 }
 
 thread_local std::vector<float> codes_buffer;
