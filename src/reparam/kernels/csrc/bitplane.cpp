@@ -323,31 +323,63 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
   return y;
 }
 
-// Columns [b0·8, b1·8) of the transposed tile: tile[j, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs. Each
-// group's coef and offset are first copied contiguous over outputs, so the inner loops vectorize.
-#ifdef REPARAM_X86
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void decode_rows(const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* tile) {
+// A group's coefficients and offsets for outputs [o0, o0 + n), contiguous so the decode loops vectorize.
+struct GroupScales {
   float coef[kMaxBits][kDecodeTile], offset[kDecodeTile];
-  int64_t loaded = -1;
+
+  void load(const Layer& w, int64_t g, int64_t o0, int64_t n) {
+    for (int64_t o = 0; o < n; ++o) offset[o] = w.offset_at(o0 + o, g);
+    for (int64_t i = 0; i < w.bits; ++i)
+      for (int64_t o = 0; o < n; ++o) coef[i][o] = w.coef_at(i, o0 + o, g);
+  }
+};
+
+// Columns [b0·8, b1·8) of the transposed tile: tile[j, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs.
+void decode_rows_scalar(const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* __restrict__ tile) {
+  GroupScales scales;
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t g = b / w.group_bytes;
-    if (g != loaded) {
-      for (int64_t o = 0; o < n; ++o) offset[o] = w.offset_at(o0 + o, g);
-      for (int64_t i = 0; i < w.bits; ++i)
-        for (int64_t o = 0; o < n; ++o) coef[i][o] = w.coef_at(i, o0 + o, g);
-      loaded = g;
-    }
+    if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
     for (int k = 0; k < 8; ++k) {
-      float* dst = tile + (b * 8 + k) * n;
-      for (int64_t o = 0; o < n; ++o) dst[o] = offset[o];
+      float* __restrict__ dst = tile + (b * 8 + k) * n;
+      for (int64_t o = 0; o < n; ++o) dst[o] = scales.offset[o];
       for (int64_t i = 0; i < w.bits; ++i) {
-        const uint8_t* row = w.planes + (i * w.nbytes + b) * w.out + o0;
-        for (int64_t o = 0; o < n; ++o) dst[o] += static_cast<float>((row[o] >> k) & 1) * coef[i][o];
+        const uint8_t* __restrict__ row = w.planes + (i * w.nbytes + b) * w.out + o0;
+        for (int64_t o = 0; o < n; ++o) dst[o] += ((row[o] >> k) & 1) ? scales.coef[i][o] : 0.f;
       }
     }
   }
+}
+
+#ifdef REPARAM_X86
+// The same with n a multiple of 16: the 8 columns of a plane byte are 8 registers of 16 outputs, each adding
+// the plane's coefficient under the mask of its bit.
+__attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64_t o0, int64_t n, int64_t b0,
+                                                           int64_t b1, float* __restrict__ tile) {
+  GroupScales scales;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
+    for (int64_t p = 0; p < n; p += 16) {
+      __m512 columns[8];
+      for (int k = 0; k < 8; ++k) columns[k] = _mm512_loadu_ps(scales.offset + p);
+      for (int64_t i = 0; i < w.bits; ++i) {
+        const uint8_t* row = w.planes + (i * w.nbytes + b) * w.out + o0 + p;
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+        const __m512 c = _mm512_loadu_ps(scales.coef[i] + p);
+        for (int k = 0; k < 8; ++k)
+          columns[k] = _mm512_mask_add_ps(columns[k], _mm512_test_epi32_mask(bytes, _mm512_set1_epi32(1 << k)),
+                                          columns[k], c);
+      }
+      for (int k = 0; k < 8; ++k) _mm512_storeu_ps(tile + (b * 8 + k) * n + p, columns[k]);
+    }
+  }
+}
+#endif
+
+void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* tile) {
+#ifdef REPARAM_X86
+  if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, b0, b1, tile);
+#endif
+  decode_rows_scalar(w, o0, n, b0, b1, tile);
 }
 
 at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
@@ -369,12 +401,13 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
     xf.narrow(1, in, padded - in).zero_();
     xf.narrow(1, 0, in).copy_(x2);
   }
+  const int isa = active_isa();
   float* tile = scratch(tile_buffer, padded * kDecodeTile);
   float* tile_out = scratch(tile_out_buffer, tokens * kDecodeTile);
   at::Tensor y2 = y.view({tokens, w.out});
   for (int64_t o0 = 0; o0 < w.out; o0 += kDecodeTile) {
     const int64_t n = std::min(kDecodeTile, w.out - o0);
-    at::parallel_for(0, w.nbytes, 16, [&](int64_t b0, int64_t b1) { decode_rows(w, o0, n, b0, b1, tile); });
+    at::parallel_for(0, w.nbytes, 16, [&](int64_t b0, int64_t b1) { decode_rows(isa, w, o0, n, b0, b1, tile); });
     at::Tensor result = at::from_blob(tile_out, {tokens, n}, as_float);
     at::mm_out(result, xf, at::from_blob(tile, {padded, n}, as_float));
     at::Tensor dst = y2.narrow(1, o0, n);
