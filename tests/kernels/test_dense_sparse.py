@@ -97,3 +97,21 @@ def test_compiled_path_gradients_and_registration():
     dense_sparse_reference(*inputs, indices).square().sum().backward()
     for grad, t in zip(grads, inputs):
         torch.testing.assert_close(grad, t.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_inference_with_cached_dense_s_follows_its_codes():
+    from reparam.methods.dense_sparse import DenseSparseConfig, DenseSparseLinear
+
+    layer = DenseSparseLinear(40, 30, True, DenseSparseConfig(atoms=12, nnz=4))
+    d, values, indices = random_factors(30, 40, 12, 4)
+    with torch.no_grad():
+        layer.d.copy_(d), layer.values.copy_(values), layer.indices.copy_(indices), layer.bias.normal_()
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(layer(x), dense_sparse_reference(x, layer.d, layer.values, layer.indices,
+                                                                    layer.bias), rtol=1e-5, atol=1e-5)
+        layer.values.mul_(-2)  # an in-place change must not leave a stale cached S
+        torch.testing.assert_close(layer(x), dense_sparse_reference(x, layer.d, layer.values, layer.indices,
+                                                                    layer.bias), rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    layer(x).sum().backward()  # with autograd on, the differentiable path: values get their gradient
+    assert layer.values.grad is not None and layer.values.grad.abs().sum() > 0
