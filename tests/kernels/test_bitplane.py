@@ -54,6 +54,15 @@ def test_gemv_matches_reference(config, tokens, out_features, in_features, bits,
     torch.testing.assert_close(result.float(), expected.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kernel", [bitplane_gemv, bitplane_triton])
+def test_triton_kernels_take_coefficients_in_any_strides(kernel, random_layer):
+    planes, coef, offset, b = random_layer(70, 100, 3, 32)
+    x = torch.randn(4, 100)
+    outputs_contiguous = coef.transpose(1, 2).contiguous().transpose(1, 2), offset.T.contiguous().T  # as layers cache
+    torch.testing.assert_close(kernel(x, planes, *outputs_contiguous, 32, b),
+                               bitplane_reference(x, planes, coef, offset, 32, b), rtol=1e-5, atol=1e-5)
+
+
 def test_gemv_refuses_more_tokens_than_it_serves(random_layer):
     planes, coef, offset, _ = random_layer(32, 64, 2, 32)
     with pytest.raises(ValueError, match="bitplane_gemv takes at most 16 tokens, got 17; use bitplane_triton"):

@@ -42,8 +42,8 @@ def assert_close_to_reference(result, x, planes, coef, offset, group, bias):
 
 @pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
 @pytest.mark.parametrize("tokens, out_features, in_features, bits, group", SHAPES)
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=str)
 def test_compiled_matches_reference(isa, op, tokens, out_features, in_features, bits, group, dtype, bias,
                                     random_layer):
     planes, coef, offset, b = random_layer(out_features, in_features, bits, group)
@@ -72,7 +72,8 @@ def test_coefficients_in_any_strides(isa, op, random_layer):
 
 def test_wrong_coefficient_shape_is_refused(random_layer):
     planes, coef, offset, b = random_layer(64, 64, 3, 32)
-    with pytest.raises(RuntimeError, match=r"coef must be float32 \(bits, out, groups\) = \(3, 64, 2\), got \[3, 2, 64\]"):
+    expected = r"coef must be float32 \(bits, out, groups\) = \(3, 64, 2\), got \[3, 2, 64\]"
+    with pytest.raises(RuntimeError, match=expected):
         ops.bitplane_lut(torch.randn(1, 64), planes, coef.transpose(1, 2), offset, 32, b)
 
 

@@ -146,6 +146,7 @@ if triton is not None:
     @triton.jit
     def _bitplane_kernel(x_ptr, planes_ptr, coef_ptr, offset_ptr, bias_ptr, y_ptr,
                          tokens, out_features, in_features, groups, nbytes,
+                         coef_si, coef_so, coef_sg, offset_so, offset_sg,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
         # One (BLOCK_T, BLOCK_O) tile of y; K tiles never straddle a group
@@ -166,9 +167,9 @@ if triton is not None:
             for i in tl.static_range(BITS):
                 byte = tl.load(planes_ptr + (i * nbytes + cols[None, :] // 8) * out_features + ro[:, None],
                                mask=o_ok[:, None], other=0)
-                c = tl.load(coef_ptr + (i * out_features + ro) * groups + g, mask=o_ok, other=0.0)
+                c = tl.load(coef_ptr + i * coef_si + ro * coef_so + g * coef_sg, mask=o_ok, other=0.0)
                 w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c.to(tl.float32)[:, None]
-            w += tl.load(offset_ptr + ro * groups + g, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+            w += tl.load(offset_ptr + ro * offset_so + g * offset_sg, mask=o_ok, other=0.0).to(tl.float32)[:, None]
             acc += tl.dot(x.to(tl.float32), tl.trans(w))
         if HAS_BIAS:
             acc += tl.load(bias_ptr + ro, mask=o_ok, other=0.0).to(tl.float32)[None, :]
@@ -177,7 +178,7 @@ if triton is not None:
 
 
 def bitplane_triton(x, planes, coef, offset, group_size, bias=None):
-    """The Triton kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``)."""
+    """The Triton kernel (CUDA; on CPU only under ``TRITON_INTERPRET=1``); coef and offset in any strides."""
     if triton is None:
         raise RuntimeError("bitplane_triton needs triton: pip install 'reparam[kernels]'")
     out_features, groups = offset.shape
@@ -187,9 +188,8 @@ def bitplane_triton(x, planes, coef, offset, group_size, bias=None):
     y = torch.empty(tokens, out_features, device=x.device, dtype=x.dtype)
     block_k = 32  # group sizes are multiples of 32
     grid = (triton.cdiv(tokens, 16), triton.cdiv(out_features, 32))
-    _bitplane_kernel[grid](x2, planes.contiguous(), coef.contiguous(), offset.contiguous(),
-                           bias if bias is not None else offset, y,
-                           tokens, out_features, shape[-1], groups, planes.shape[1],
+    _bitplane_kernel[grid](x2, planes.contiguous(), coef, offset, bias if bias is not None else offset, y,
+                           tokens, out_features, shape[-1], groups, planes.shape[1], *coef.stride(), *offset.stride(),
                            BITS=planes.shape[0], GROUP=group_size, HAS_BIAS=bias is not None,
                            BLOCK_T=16, BLOCK_O=32, BLOCK_K=block_k)
     return y.view(*shape[:-1], out_features)
@@ -199,7 +199,8 @@ if triton is not None:
 
     @triton.jit
     def _bitplane_gemv_kernel(x_ptr, planes_ptr, coef_ptr, offset_ptr, y_ptr,
-                              tokens, out_features, in_features, groups, nbytes, k_steps,
+                              tokens, out_features, in_features, nbytes, k_steps,
+                              coef_si, coef_so, coef_sg, offset_so, offset_sg,
                               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_O: tl.constexpr, SPLIT_K: tl.constexpr):
         # Program (o, k) owns outputs [o·BLOCK_O, +BLOCK_O) and K steps k, k + SPLIT_K, …
@@ -224,9 +225,9 @@ if triton is not None:
             for i in tl.static_range(BITS):
                 byte = tl.load(planes_ptr + (i * nbytes + cols[None, :] // 8) * out_features + ro[:, None],
                                mask=o_ok[:, None], other=0)
-                c = tl.load(coef_ptr + (i * out_features + ro) * groups + g, mask=o_ok, other=0.0)
-                w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c[:, None]
-            w += tl.load(offset_ptr + ro * groups + g, mask=o_ok, other=0.0)[:, None]
+                c = tl.load(coef_ptr + i * coef_si + ro * coef_so + g * coef_sg, mask=o_ok, other=0.0)
+                w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c.to(tl.float32)[:, None]
+            w += tl.load(offset_ptr + ro * offset_so + g * offset_sg, mask=o_ok, other=0.0).to(tl.float32)[:, None]
             if BLOCK_T >= 16:  # enough rows for the matrix units; ieee keeps float32 exact (no tf32)
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
@@ -261,8 +262,8 @@ def bitplane_gemv(x, planes, coef, offset, group_size, bias=None, config: dict |
         kernel, config = _bitplane_gemv_tuned, {}
     else:
         kernel, config = _bitplane_gemv_kernel, config or {"BLOCK_O": 32, "SPLIT_K": 4}
-    kernel[grid](x2, planes.contiguous(), coef.float().contiguous(), offset.float().contiguous(), y,
-                 tokens, out_features, shape[-1], groups, planes.shape[1], k_steps,
+    kernel[grid](x2, planes.contiguous(), coef, offset, y,
+                 tokens, out_features, shape[-1], planes.shape[1], k_steps, *coef.stride(), *offset.stride(),
                  BITS=planes.shape[0], GROUP=group_size, BLOCK_T=triton.next_power_of_2(tokens), **config)
     if bias is not None:
         y += bias
