@@ -46,3 +46,72 @@ def test_cpu_path_matches_reference(bias, batch):
                                dense_sparse_reference(x, d, values, indices, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense_sparse_linear(x, d, values, indices, b),
                                dense_sparse_reference(x, d, values, indices, b), rtol=1e-5, atol=1e-5)
+
+
+def compiled_ops_or_skip():
+    from reparam.kernels.extension import compiled_ops
+
+    ops = compiled_ops()
+    if ops is None:
+        pytest.skip("the C++ extension could not be built here")
+    return ops
+
+
+@pytest.mark.parametrize("index_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)],
+                         ids=str)
+@pytest.mark.parametrize("tokens, bias", [(1, True), (3, False), (8, True)])
+def test_compiled_path_matches_reference(index_dtype, dtype, tol, tokens, bias):
+    ops = compiled_ops_or_skip()
+    d, values, indices = random_factors(31, 45, 20, 6, index_dtype)
+    d, values = d.to(dtype), values.to(dtype)
+    b = torch.randn(31).to(dtype) if bias else None
+    x = torch.randn(tokens, 45).to(dtype)
+    expected = dense_sparse_reference(x.double(), d.double(), values.double(), indices,
+                                      None if b is None else b.double()).to(dtype)
+    result = ops.dense_sparse_linear(x, d, values, indices, b)
+    assert result.dtype == dtype and result.shape == expected.shape
+    # Half types round z = x·Sᵀ before the GEMM with D: errors scale with the largest output.
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(result.float(), expected.float(), rtol=tol, atol=tol * scale)
+
+
+def test_compiled_path_refuses_an_index_outside_the_dictionary():
+    ops = compiled_ops_or_skip()
+    d, values, indices = random_factors(8, 10, 5, 2)
+    indices[1, 3] = 7
+    with pytest.raises(RuntimeError, match=r"dense_sparse index 7 outside \[0, 5\)"):
+        ops.dense_sparse_linear(torch.randn(1, 10), d, values, indices, None)
+
+
+def test_compiled_path_gradients_and_registration():
+    ops = compiled_ops_or_skip()
+    d, values, indices = random_factors(12, 20, 8, 3)
+    inputs = [torch.randn(2, 20), d, values]
+    torch.library.opcheck(ops.dense_sparse_linear.default,
+                          (*[t.requires_grad_() for t in inputs], indices, torch.randn(12, requires_grad=True)))
+    ops.dense_sparse_linear(*inputs, indices, None).square().sum().backward()
+    grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    dense_sparse_reference(*inputs, indices).square().sum().backward()
+    for grad, t in zip(grads, inputs):
+        torch.testing.assert_close(grad, t.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_inference_with_cached_dense_s_follows_its_codes():
+    from reparam.methods.dense_sparse import DenseSparseConfig, DenseSparseLinear
+
+    layer = DenseSparseLinear(40, 30, True, DenseSparseConfig(atoms=12, nnz=4))
+    d, values, indices = random_factors(30, 40, 12, 4)
+    with torch.no_grad():
+        layer.d.copy_(d), layer.values.copy_(values), layer.indices.copy_(indices), layer.bias.normal_()
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(layer(x), dense_sparse_reference(x, layer.d, layer.values, layer.indices,
+                                                                    layer.bias), rtol=1e-5, atol=1e-5)
+        layer.values.mul_(-2)  # an in-place change must not leave a stale cached S
+        torch.testing.assert_close(layer(x), dense_sparse_reference(x, layer.d, layer.values, layer.indices,
+                                                                    layer.bias), rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    layer(x).sum().backward()  # with autograd on, the differentiable path: values get their gradient
+    assert layer.values.grad is not None and layer.values.grad.abs().sum() > 0

@@ -170,4 +170,21 @@ class QuantizedLinear(ReparamModule):
         return weight[:, :self.in_features].to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bitplane_linear(x, self.planes, *self.linear_form(), self.config.group_size, self.bias)
+        return bitplane_linear(x, self.planes, *self._cached_linear_form(), self.config.group_size, self.bias)
+
+    def _cached_linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``linear_form()``, recomputed only when ``params`` changes (in place, by a load, or by a move), so a
+        forward allocates nothing but its output."""
+        def form():  # outputs contiguous: the compiled kernels load a group's coefficients as vectors
+            coef, offset = self.linear_form()
+            return coef.transpose(1, 2).contiguous().transpose(1, 2), offset.T.contiguous().T
+
+        if torch.compiler.is_compiling():
+            return form()
+        params = self.params
+        key = (params.data_ptr(), params._version, id(params))  # a move or a new tensor changes the address
+        cached = self.__dict__.get("_linear_form_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, form())
+            self.__dict__["_linear_form_cache"] = cached
+        return cached[1]

@@ -4,8 +4,11 @@
 - ``dense_sparse_reference``: build W = D·S, one matmul. The definition.
 - CPU (``dense_sparse_cpu``): z = x·Sᵀ, then y = z·Dᵀ, never the full W.
   Up to ``SCATTER_MAX_TOKENS`` tokens z is a scatter-add of the s·in
-  products x_j·S[a, j] into their atoms; above, S is scattered into a dense
-  (k, in) matrix once and z is a matmul (measured crossover: 2–8 tokens).
+  products x_j·S[a, j] into their atoms — by the compiled kernel
+  (``csrc/dense_sparse.cpp``, a reused buffer for z) when it builds, else by
+  torch's ``index_add_``; above, S is scattered into a dense (k, in) matrix
+  once and z is a matmul (crossovers measured by
+  ``benchmarks/bench_kernels.py``).
 - CUDA (``dense_sparse_triton``): each program builds a (k, BLOCK_IN) tile
   of S in registers from the stored pairs and accumulates x·Sᵀ with
   ``tl.dot``; S never exists in memory. Then y = z·Dᵀ by cuBLAS: the dense
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .extension import cpu_kernels_for
 
 try:
     import triton
@@ -30,6 +35,7 @@ def sparse_to_dense(values: torch.Tensor, indices: torch.Tensor, atoms: int) -> 
 
 
 SCATTER_MAX_TOKENS = 2
+COMPILED_SCATTER_MAX_TOKENS = 8
 
 
 def dense_sparse_reference(x, d, values, indices, bias=None):
@@ -38,12 +44,43 @@ def dense_sparse_reference(x, d, values, indices, bias=None):
 
 def dense_sparse_cpu(x, d, values, indices, bias=None):
     atoms = d.shape[1]
-    if x.numel() // x.shape[-1] > SCATTER_MAX_TOKENS:
+    tokens = x.numel() // x.shape[-1]
+    compiled = cpu_kernels_for(x)
+    if compiled is not None and tokens <= COMPILED_SCATTER_MAX_TOKENS:
+        return compiled.dense_sparse_linear(x, d, values, indices, bias)
+    if tokens > SCATTER_MAX_TOKENS:
         return F.linear(F.linear(x, sparse_to_dense(values, indices, atoms)), d, bias)
     rows = x.reshape(-1, x.shape[-1])
     products = (values * rows[:, None, :]).reshape(rows.shape[0], -1)  # (tokens, s·in)
     codes = rows.new_zeros(rows.shape[0], atoms).index_add_(1, indices.long().flatten(), products)
     return F.linear(codes, d, bias).view(*x.shape[:-1], d.shape[0])
+
+
+def register_compiled_ops() -> None:
+    """Shape-only and backward formulas for ``reparam_cpu::dense_sparse_linear``."""
+    name = "reparam_cpu::dense_sparse_linear"
+
+    @torch.library.register_fake(name)
+    def _(x, d, values, indices, bias):
+        return d.new_empty(*x.shape[:-1], d.shape[0])
+
+    def setup_context(ctx, inputs, output):
+        x, d, values, indices, bias = inputs
+        ctx.save_for_backward(x, d, values, indices)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, d, values, indices = ctx.saved_tensors
+        with torch.enable_grad():  # the torch forward's own graph gives every input's gradient
+            inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in (x, d, values)]
+            bias = grad.new_zeros(d.shape[0], requires_grad=True) if ctx.has_bias else None
+            y = dense_sparse_reference(*inputs, indices, bias)
+            wanted = inputs + ([bias] if bias is not None else [])
+            grads = torch.autograd.grad(y, wanted, grad)
+        grad_x, grad_d, grad_values = grads[:3]
+        return grad_x, grad_d, grad_values, None, grads[3] if ctx.has_bias else None
+
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 def dense_sparse_linear(x, d, values, indices, bias=None):

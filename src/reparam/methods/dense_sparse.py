@@ -285,7 +285,20 @@ class DenseSparseLinear(ReparamModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return F.linear(F.linear(x, self.sparse()), self.d, self.bias)
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and self.values.requires_grad):
+            # Inference on CPU: two GEMMs with S kept dense (k·in more floats in memory, built once per packed
+            # S). Scattering the s·in products costs a read-modify-write each and was slower than the dense
+            # layer at most measured shapes (docs/kernels.md); two GEMMs cost k·(in + out) multiply-adds.
+            return F.linear(F.linear(x, self._dense_sparse_cache()), self.d, self.bias)
         return dense_sparse_linear(x, self.d, self.values, self.indices, self.bias)
+
+    def _dense_sparse_cache(self) -> torch.Tensor:
+        key = tuple((t.data_ptr(), t._version) for t in (self.values, self.indices))
+        cached = self.__dict__.get("_dense_sparse_cache_entry")
+        if cached is None or cached[0] != key:
+            cached = (key, sparse_to_dense(self.values.detach(), self.indices, self.atoms))
+            self.__dict__["_dense_sparse_cache_entry"] = cached
+        return cached[1]
 
     def train(self, mode: bool = True):
         if mode and not self.training:

@@ -1,0 +1,440 @@
+// Compiled CPU forward of the bit-plane layers (shift_add, affine), registered
+// as torch ops in the `reparam_cpu` namespace (dense_sparse.cpp adds its own).
+//
+// Bit-plane weights (see reparam/kernels/bitplane.py for the definition):
+//   W[o, j] = Σ_i coef[i, o, g]·bit_i[o, j] + offset[o, g],  g = j / group_size,
+//   planes (bits, padded_in/8, out) uint8, bit k of byte b ↔ column 8b + k.
+//
+// bitplane_lut (few tokens), T-MAC style with exact float tables: for every 4
+// activations of a token a table of the 16 partial sums Σ_m bit_m·x[4q+m] is
+// built once per call; a plane byte's low and high nibbles index the tables of
+// its two column quads. With AVX-512 a 16-float table fills one register and
+// vpermps looks up 16 outputs per instruction; with AVX2 two vpermps of
+// 8 floats and a blend do 8. Lookups are summed in float over a group, then
+// scaled by coef once per (plane, group, output): outputs equal the torch
+// reference up to float summation order.
+//
+// bitplane_decode_mm (many tokens): W is decoded tile by tile (128 outputs)
+// into a reused buffer, transposed (in, 128), and multiplied by MKL's GEMM.
+//
+// Scratch (tables, tiles, partial sums) lives in thread_local buffers that
+// grow to the largest layer seen and are reused: a call allocates its output
+// and nothing else of size.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "scratch.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define REPARAM_X86 1
+#endif
+
+namespace reparam {
+namespace {
+
+constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
+constexpr int64_t kTokensPerPass = 4;  // token tables held in registers at once
+constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile: (in, 128) floats stay in L2
+constexpr int64_t kMaxBits = 8;
+
+std::atomic<int> isa_limit{kIsaAvx512};
+
+int detected_isa() {
+#ifdef REPARAM_X86
+  static const int isa = __builtin_cpu_supports("avx512f") ? kIsaAvx512
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kIsaAvx2
+                                                                                                : kIsaScalar;
+  return isa;
+#else
+  return kIsaScalar;
+#endif
+}
+
+int active_isa() { return std::min(detected_isa(), isa_limit.load()); }
+
+struct Layer {
+  const uint8_t* planes;  // (bits, nbytes, out)
+  const float* coef;      // (bits, out, groups), strided: coef_stride_* per index
+  const float* offset;    // (out, groups), strided
+  int64_t bits, nbytes, out, groups, group_bytes;
+  int64_t coef_stride_i, coef_stride_o, coef_stride_g, offset_stride_o, offset_stride_g;
+
+  float coef_at(int64_t i, int64_t o, int64_t g) const {
+    return coef[i * coef_stride_i + o * coef_stride_o + g * coef_stride_g];
+  }
+  float offset_at(int64_t o, int64_t g) const { return offset[o * offset_stride_o + g * offset_stride_g]; }
+};
+
+Layer layer_of(const at::Tensor& planes, const at::Tensor& coef, const at::Tensor& offset, int64_t group_size,
+               int64_t in_features) {
+  TORCH_CHECK(planes.dim() == 3 && planes.scalar_type() == at::kByte && planes.is_contiguous(),
+              "reparam: planes must be a contiguous uint8 (bits, padded_in/8, out) tensor");
+  const int64_t bits = planes.size(0), nbytes = planes.size(1), out = planes.size(2);
+  TORCH_CHECK(bits >= 1 && bits <= kMaxBits, "reparam: ", bits, " planes; the kernels take 1 to ", kMaxBits);
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && (nbytes * 8) % group_size == 0,
+              "reparam: group_size ", group_size, " must be a multiple of 8 dividing the padded input ", nbytes * 8);
+  const int64_t groups = nbytes * 8 / group_size;
+  // Any strides: a (bits, groups, out) tensor viewed as (bits, out, groups) makes outputs contiguous, the
+  // fastest layout (QuantizedLinear caches it so).
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 3 && coef.size(0) == bits && coef.size(1) == out &&
+                  coef.size(2) == groups,
+              "reparam: coef must be float32 (bits, out, groups) = (", bits, ", ", out, ", ", groups, "), got ",
+              coef.sizes(), " ", coef.scalar_type());
+  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.dim() == 2 && offset.size(0) == out &&
+                  offset.size(1) == groups,
+              "reparam: offset must be float32 (out, groups) = (", out, ", ", groups, "), got ", offset.sizes(), " ",
+              offset.scalar_type());
+  TORCH_CHECK(in_features <= nbytes * 8, "reparam: input has ", in_features, " features, the planes hold ",
+              nbytes * 8);
+  return {planes.data_ptr<uint8_t>(), coef.data_ptr<float>(), offset.data_ptr<float>(), bits, nbytes, out, groups,
+          group_size / 8, coef.stride(0), coef.stride(1), coef.stride(2), offset.stride(0), offset.stride(1)};
+}
+
+at::Tensor output_for(const at::Tensor& x, int64_t out) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  return at::empty(sizes, x.options());
+}
+
+// tables (tokens, padded_in/4, 16): entry n of quad q is Σ_{bit m of n} x[4q + m]; xsum (tokens, groups).
+template <typename scalar_t>
+void build_tables(const scalar_t* x, int64_t tokens, int64_t in, int64_t quads, int64_t group_size, float* tables,
+                  float* xsum) {
+  const int64_t groups = quads * 4 / group_size;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const scalar_t* row = x + t * in;
+    float* sums = xsum + t * groups;
+    std::fill(sums, sums + groups, 0.f);
+    for (int64_t q = 0; q < quads; ++q) {
+      float v[4];
+      for (int m = 0; m < 4; ++m) v[m] = 4 * q + m < in ? static_cast<float>(row[4 * q + m]) : 0.f;
+      float* e = tables + (t * quads + q) * 16;
+      e[0] = 0.f;
+      for (int m = 0; m < 4; ++m)
+        for (int n = 0; n < (1 << m); ++n) e[(1 << m) + n] = e[n] + v[m];
+      sums[q * 4 / group_size] += (v[0] + v[1]) + (v[2] + v[3]);
+    }
+  }
+}
+
+struct Lut {
+  Layer layer;
+  const float* tables;
+  int64_t quads;
+};
+
+// Plane i's share of group g, coef·(table sums), for outputs [o0, o0 + n) and tokens [t0, t0 + tok), added to
+// acc (tok rows of stride ld).
+void lut_block_scalar(const Lut& lut, int64_t g, int64_t i, int64_t o0, int64_t n, int64_t t0, int64_t tok,
+                      float* acc, int64_t ld) {
+  const Layer& w = lut.layer;
+  float sums[kTokensPerPass];
+  for (int64_t o = o0; o < o0 + n; ++o) {
+    std::fill(sums, sums + tok, 0.f);
+    for (int64_t b = g * w.group_bytes; b < (g + 1) * w.group_bytes; ++b) {
+      const uint8_t byte = w.planes[(i * w.nbytes + b) * w.out + o];
+      for (int64_t t = 0; t < tok; ++t) {
+        const float* table = lut.tables + ((t0 + t) * lut.quads + 2 * b) * 16;
+        sums[t] += table[byte & 15] + table[16 + (byte >> 4)];
+      }
+    }
+    const float c = w.coef_at(i, o, g);
+    for (int64_t t = 0; t < tok; ++t) acc[t * ld + o - o0] += c * sums[t];
+  }
+}
+
+#ifdef REPARAM_X86
+// 64 outputs (4 registers of 16) × TOK tokens.
+template <int TOK>
+__attribute__((target("avx512f"))) void lut_block_avx512(const Lut& lut, int64_t g, int64_t i, int64_t o0,
+                                                         int64_t t0, float* acc, int64_t ld) {
+  const Layer& w = lut.layer;
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(w.coef_stride_o)));
+  __m512 sums[TOK][4];
+  for (int t = 0; t < TOK; ++t)
+    for (int p = 0; p < 4; ++p) sums[t][p] = _mm512_setzero_ps();
+  for (int64_t b = g * w.group_bytes; b < (g + 1) * w.group_bytes; ++b) {
+    const uint8_t* row = w.planes + (i * w.nbytes + b) * w.out + o0;
+    _mm_prefetch(reinterpret_cast<const char*>(row + 256), _MM_HINT_T0);
+    __m512i low[4], high[4];
+    for (int p = 0; p < 4; ++p) {
+      // vpermps reads the low 4 bits of each index: the byte itself indexes the low nibble's table.
+      low[p] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * p)));
+      high[p] = _mm512_srli_epi32(low[p], 4);
+    }
+    for (int t = 0; t < TOK; ++t) {
+      const float* table = lut.tables + ((t0 + t) * lut.quads + 2 * b) * 16;
+      const __m512 low_table = _mm512_loadu_ps(table), high_table = _mm512_loadu_ps(table + 16);
+      for (int p = 0; p < 4; ++p)
+        sums[t][p] = _mm512_add_ps(sums[t][p], _mm512_add_ps(_mm512_permutexvar_ps(low[p], low_table),
+                                                             _mm512_permutexvar_ps(high[p], high_table)));
+    }
+  }
+  const float* coef = w.coef + i * w.coef_stride_i + o0 * w.coef_stride_o + g * w.coef_stride_g;
+  for (int p = 0; p < 4; ++p) {
+    const float* first = coef + 16 * p * w.coef_stride_o;
+    const __m512 c = w.coef_stride_o == 1 ? _mm512_loadu_ps(first) : _mm512_i32gather_ps(lanes, first, 4);
+    for (int t = 0; t < TOK; ++t) {
+      float* dst = acc + t * ld + 16 * p;
+      _mm512_storeu_ps(dst, _mm512_fmadd_ps(c, sums[t][p], _mm512_loadu_ps(dst)));
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 lookup16(__m256 low_half, __m256 high_half, __m256i index) {
+  // Entries 0-7 and 8-15 of a 16-float table; bit 3 of the index (moved to the sign bit) picks the half.
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_half, index), _mm256_permutevar8x32_ps(high_half, index),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+// 32 outputs (4 registers of 8) × TOK tokens.
+template <int TOK>
+__attribute__((target("avx2,fma"))) void lut_block_avx2(const Lut& lut, int64_t g, int64_t i, int64_t o0,
+                                                        int64_t t0, float* acc, int64_t ld) {
+  const Layer& w = lut.layer;
+  const __m256i lanes = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm256_set1_epi32(static_cast<int>(w.coef_stride_o)));
+  __m256 sums[TOK][4];
+  for (int t = 0; t < TOK; ++t)
+    for (int p = 0; p < 4; ++p) sums[t][p] = _mm256_setzero_ps();
+  for (int64_t b = g * w.group_bytes; b < (g + 1) * w.group_bytes; ++b) {
+    const uint8_t* row = w.planes + (i * w.nbytes + b) * w.out + o0;
+    for (int p = 0; p < 4; ++p) {
+      const __m256i low = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * p)));
+      const __m256i high = _mm256_srli_epi32(low, 4);
+      for (int t = 0; t < TOK; ++t) {
+        const float* table = lut.tables + ((t0 + t) * lut.quads + 2 * b) * 16;
+        const __m256 hit = _mm256_add_ps(
+            lookup16(_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8), low),
+            lookup16(_mm256_loadu_ps(table + 16), _mm256_loadu_ps(table + 24), high));
+        sums[t][p] = _mm256_add_ps(sums[t][p], hit);
+      }
+    }
+  }
+  const float* coef = w.coef + i * w.coef_stride_i + o0 * w.coef_stride_o + g * w.coef_stride_g;
+  for (int p = 0; p < 4; ++p) {
+    const float* first = coef + 8 * p * w.coef_stride_o;
+    const __m256 c = w.coef_stride_o == 1 ? _mm256_loadu_ps(first) : _mm256_i32gather_ps(first, lanes, 4);
+    for (int t = 0; t < TOK; ++t) {
+      float* dst = acc + t * ld + 8 * p;
+      _mm256_storeu_ps(dst, _mm256_fmadd_ps(c, sums[t][p], _mm256_loadu_ps(dst)));
+    }
+  }
+}
+
+#endif
+
+// Plane i's share of group g for outputs [o0, o0 + n) and tokens [t0, t0 + tok), added to acc (tok rows of stride ld).
+void lut_block(int isa, const Lut& lut, int64_t g, int64_t i, int64_t o0, int64_t n, int64_t t0, int64_t tok, float* acc,
+               int64_t ld) {
+#ifdef REPARAM_X86
+  if (isa == kIsaAvx512 && n == 64) {
+    switch (tok) {
+      case 1: return lut_block_avx512<1>(lut, g, i, o0, t0, acc, ld);
+      case 2: return lut_block_avx512<2>(lut, g, i, o0, t0, acc, ld);
+      case 3: return lut_block_avx512<3>(lut, g, i, o0, t0, acc, ld);
+      default: return lut_block_avx512<4>(lut, g, i, o0, t0, acc, ld);
+    }
+  }
+  if (isa == kIsaAvx2 && n == 32) {
+    switch (tok) {
+      case 1: return lut_block_avx2<1>(lut, g, i, o0, t0, acc, ld);
+      case 2: return lut_block_avx2<2>(lut, g, i, o0, t0, acc, ld);
+      case 3: return lut_block_avx2<3>(lut, g, i, o0, t0, acc, ld);
+      default: return lut_block_avx2<4>(lut, g, i, o0, t0, acc, ld);
+    }
+  }
+#endif
+  lut_block_scalar(lut, g, i, o0, n, t0, tok, acc, ld);
+}
+
+// Outputs [o0, o1) of every token into acc (tokens, o1 - o0), zeroed by the caller. (group, plane) is the
+// outer loop: the group/8 plane rows it reads (a page each on wide layers) are swept along the outputs as
+// that many sequential streams, which the hardware prefetcher follows.
+void lut_range(int isa, const Lut& lut, int64_t block, int64_t o0, int64_t o1, int64_t tokens, float* acc) {
+  const int64_t ld = o1 - o0;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTokensPerPass) {
+    const int64_t tok = std::min(kTokensPerPass, tokens - t0);
+    for (int64_t g = 0; g < lut.layer.groups; ++g)
+      for (int64_t i = 0; i < lut.layer.bits; ++i)
+        for (int64_t o = o0; o < o1; o += block)
+          lut_block(isa, lut, g, i, o, std::min(block, o1 - o), t0, tok, acc + t0 * ld + (o - o0), ld);
+  }
+}
+
+// y[t, o] = acc[t, o] + Σ_g offset[o, g]·xsum[t, g] + bias[o], in the output's dtype.
+template <typename scalar_t>
+void finish_block(const Layer& w, const float* acc, int64_t ld, const float* xsum, const float* bias, int64_t o0,
+                  int64_t n, int64_t tokens, scalar_t* y) {
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = o0; o < o0 + n; ++o) {
+      float value = acc[t * ld + o - o0] + (bias ? bias[o] : 0.f);
+      for (int64_t g = 0; g < w.groups; ++g) value += w.offset_at(o, g) * xsum[t * w.groups + g];
+      y[t * w.out + o] = static_cast<scalar_t>(value);
+    }
+}
+
+at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t out) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "reparam: bias must have ", out, " elements, got ",
+              bias->sizes());
+  return bias->to(at::kFloat).contiguous();  // no copy for the usual float32 bias
+}
+
+thread_local std::vector<float> tables_buffer, xsum_buffer, acc_buffer, tile_buffer, tile_out_buffer, input_buffer;
+
+at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
+                        const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const int64_t in = x.size(-1);
+  const Layer w = layer_of(planes, coef, offset, group_size, in);
+  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+  const int64_t tokens = x2.size(0), quads = w.nbytes * 2;
+  const at::Tensor bias_f = float_bias(bias, w.out);
+  const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  at::Tensor y = output_for(x, w.out);
+  float* tables = scratch(tables_buffer, tokens * quads * 16);
+  float* xsum = scratch(xsum_buffer, tokens * w.groups);
+  const int isa = active_isa();
+  const int64_t block = isa == kIsaAvx512 ? 64 : isa == kIsaAvx2 ? 32 : 64;
+  const int64_t blocks = (w.out + block - 1) / block;
+  // Threads only where each gets ~2^22 weight-plane lookups (~0.2 ms): on smaller layers waking and joining a
+  // second thread costs more than it saves, and on a loaded machine the join waits for a descheduled thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / (block * w.nbytes * 8 * w.bits));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitplane_lut", [&] {
+    build_tables<scalar_t>(x2.data_ptr<scalar_t>(), tokens, in, quads, group_size, tables, xsum);
+    const Lut lut{w, tables, quads};
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+      const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
+      float* acc = scratch(acc_buffer, tokens * (o1 - o0));
+      std::fill(acc, acc + tokens * (o1 - o0), 0.f);
+      lut_range(isa, lut, block, o0, o1, tokens, acc);
+      finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, tokens, out);
+    });
+  });
+  return y;
+}
+
+// A group's coefficients and offsets for outputs [o0, o0 + n), contiguous so the decode loops vectorize.
+struct GroupScales {
+  float coef[kMaxBits][kDecodeTile], offset[kDecodeTile];
+
+  void load(const Layer& w, int64_t g, int64_t o0, int64_t n) {
+    for (int64_t o = 0; o < n; ++o) offset[o] = w.offset_at(o0 + o, g);
+    for (int64_t i = 0; i < w.bits; ++i)
+      for (int64_t o = 0; o < n; ++o) coef[i][o] = w.coef_at(i, o0 + o, g);
+  }
+};
+
+// Columns [b0·8, b1·8) of the transposed tile: tile[j, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs.
+void decode_rows_scalar(const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* __restrict__ tile) {
+  GroupScales scales;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
+    for (int k = 0; k < 8; ++k) {
+      float* __restrict__ dst = tile + (b * 8 + k) * n;
+      for (int64_t o = 0; o < n; ++o) dst[o] = scales.offset[o];
+      for (int64_t i = 0; i < w.bits; ++i) {
+        const uint8_t* __restrict__ row = w.planes + (i * w.nbytes + b) * w.out + o0;
+        for (int64_t o = 0; o < n; ++o) dst[o] += ((row[o] >> k) & 1) ? scales.coef[i][o] : 0.f;
+      }
+    }
+  }
+}
+
+#ifdef REPARAM_X86
+// The same with n a multiple of 16: the 8 columns of a plane byte are 8 registers of 16 outputs, each adding
+// the plane's coefficient under the mask of its bit.
+__attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64_t o0, int64_t n, int64_t b0,
+                                                           int64_t b1, float* __restrict__ tile) {
+  GroupScales scales;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
+    for (int64_t p = 0; p < n; p += 16) {
+      __m512 columns[8];
+      for (int k = 0; k < 8; ++k) columns[k] = _mm512_loadu_ps(scales.offset + p);
+      for (int64_t i = 0; i < w.bits; ++i) {
+        const uint8_t* row = w.planes + (i * w.nbytes + b) * w.out + o0 + p;
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+        const __m512 c = _mm512_loadu_ps(scales.coef[i] + p);
+        for (int k = 0; k < 8; ++k)
+          columns[k] = _mm512_mask_add_ps(columns[k], _mm512_test_epi32_mask(bytes, _mm512_set1_epi32(1 << k)),
+                                          columns[k], c);
+      }
+      for (int k = 0; k < 8; ++k) _mm512_storeu_ps(tile + (b * 8 + k) * n + p, columns[k]);
+    }
+  }
+}
+#endif
+
+void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* tile) {
+#ifdef REPARAM_X86
+  if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, b0, b1, tile);
+#endif
+  decode_rows_scalar(w, o0, n, b0, b1, tile);
+}
+
+at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
+                              const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const int64_t in = x.size(-1);
+  const Layer w = layer_of(planes, coef, offset, group_size, in);
+  const int64_t padded = w.nbytes * 8;
+  at::Tensor x2 = x.reshape({-1, in});
+  const int64_t tokens = x2.size(0);
+  const at::Tensor bias_f = float_bias(bias, w.out);
+  at::Tensor y = output_for(x, w.out);
+  const auto as_float = at::TensorOptions().dtype(at::kFloat);
+  // The input as float32 (tokens, padded), zero beyond in: x itself when it already is.
+  at::Tensor xf;
+  if (x2.scalar_type() == at::kFloat && in == padded && x2.is_contiguous()) {
+    xf = x2;
+  } else {
+    xf = at::from_blob(scratch(input_buffer, tokens * padded), {tokens, padded}, as_float);
+    xf.narrow(1, in, padded - in).zero_();
+    xf.narrow(1, 0, in).copy_(x2);
+  }
+  const int isa = active_isa();
+  float* tile = scratch(tile_buffer, padded * kDecodeTile);
+  float* tile_out = scratch(tile_out_buffer, tokens * kDecodeTile);
+  at::Tensor y2 = y.view({tokens, w.out});
+  for (int64_t o0 = 0; o0 < w.out; o0 += kDecodeTile) {
+    const int64_t n = std::min(kDecodeTile, w.out - o0);
+    at::parallel_for(0, w.nbytes, 16, [&](int64_t b0, int64_t b1) { decode_rows(isa, w, o0, n, b0, b1, tile); });
+    at::Tensor result = at::from_blob(tile_out, {tokens, n}, as_float);
+    at::mm_out(result, xf, at::from_blob(tile, {padded, n}, as_float));
+    at::Tensor dst = y2.narrow(1, o0, n);
+    if (bias_f.defined()) result.add_(bias_f.narrow(0, o0, n));
+    dst.copy_(result);
+  }
+  return y;
+}
+
+// Caps the instruction set the LUT uses (0 scalar, 1 AVX2, 2 AVX-512) so tests reach every path; returns the old cap.
+int64_t set_isa_limit(int64_t level) { return isa_limit.exchange(static_cast<int>(level)); }
+
+int64_t cpu_isa() { return active_isa(); }
+
+}  // namespace
+}  // namespace reparam
+
+TORCH_LIBRARY(reparam_cpu, m) {
+  m.def("bitplane_lut(Tensor x, Tensor planes, Tensor coef, Tensor offset, int group_size, Tensor? bias) -> Tensor");
+  m.def("bitplane_decode_mm(Tensor x, Tensor planes, Tensor coef, Tensor offset, int group_size, Tensor? bias)"
+        " -> Tensor");
+  m.def("set_isa_limit(int level) -> int", &reparam::set_isa_limit);
+  m.def("cpu_isa() -> int", &reparam::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(reparam_cpu, CPU, m) {
+  m.impl("bitplane_lut", &reparam::bitplane_lut);
+  m.impl("bitplane_decode_mm", &reparam::bitplane_decode_mm);
+}

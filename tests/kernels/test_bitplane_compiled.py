@@ -1,0 +1,125 @@
+"""The compiled CPU bit-plane kernels (csrc/bitplane.cpp) against the torch
+reference: every instruction-set path, odd shapes, input dtypes, bias, token
+counts; the layer's forward, its cache, gradients, and the op registrations."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reparam.kernels.bitplane import bitplane_linear, bitplane_reference
+from reparam.kernels.extension import compiled_ops
+
+ops = compiled_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="the C++ extension could not be built here")
+
+ISAS = {0: "scalar", 1: "avx2", 2: "avx512"}
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (tokens, out, in, bits, group): out not a multiple of the SIMD block, in not of 8 or the group
+SHAPES = [(1, 64, 128, 3, 32), (1, 130, 200, 2, 64), (3, 97, 100, 4, 32), (6, 64, 256, 3, 128), (9, 200, 72, 2, 32)]
+
+
+@pytest.fixture(params=sorted(ISAS), ids=ISAS.get)
+def isa(request):
+    if request.param > ops.cpu_isa():
+        pytest.skip(f"this CPU has no {ISAS[request.param]}")
+    previous = ops.set_isa_limit(request.param)
+    yield request.param
+    ops.set_isa_limit(previous)
+
+
+def expected_output(x, planes, coef, offset, group, bias):
+    """The reference in float64, rounded to the input's dtype."""
+    reference = bitplane_reference(x.double(), planes, coef.double(), offset.double(), group,
+                                   None if bias is None else bias.double())
+    return reference.to(x.dtype)
+
+
+def assert_close_to_reference(result, x, planes, coef, offset, group, bias):
+    expected = expected_output(x, planes, coef, offset, group, bias)
+    assert result.dtype == x.dtype and result.shape == expected.shape
+    tol = TOLERANCE[x.dtype]
+    torch.testing.assert_close(result.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
+@pytest.mark.parametrize("tokens, out_features, in_features, bits, group", SHAPES)
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=str)
+def test_compiled_matches_reference(isa, op, tokens, out_features, in_features, bits, group, dtype, bias,
+                                    random_layer):
+    planes, coef, offset, b = random_layer(out_features, in_features, bits, group)
+    x = torch.randn(tokens, in_features).to(dtype)
+    b = b if bias else None
+    result = getattr(ops, op)(x, planes, coef, offset, group, b)
+    assert_close_to_reference(result, x, planes, coef, offset, group, b)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17, 40])  # the LUT in passes of 4 tokens, and both sides of the crossover
+def test_dispatch_matches_reference_on_batched_shapes(tokens, random_layer):
+    planes, coef, offset, b = random_layer(96, 160, 3, 32)
+    x = torch.randn(tokens, 2, 160)[:, 1]  # a non-contiguous input
+    result = bitplane_linear(x, planes, coef, offset, 32, b)
+    assert_close_to_reference(result, x, planes, coef, offset, 32, b)
+
+
+@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
+def test_coefficients_in_any_strides(isa, op, random_layer):
+    planes, coef, offset, b = random_layer(130, 200, 3, 64)
+    x = torch.randn(2, 200)
+    outputs_contiguous = coef.transpose(1, 2).contiguous().transpose(1, 2), offset.T.contiguous().T
+    result = getattr(ops, op)(x, planes, *outputs_contiguous, 64, b)
+    assert_close_to_reference(result, x, planes, coef, offset, 64, b)
+
+
+def test_wrong_coefficient_shape_is_refused(random_layer):
+    planes, coef, offset, b = random_layer(64, 64, 3, 32)
+    expected = r"coef must be float32 \(bits, out, groups\) = \(3, 64, 2\), got \[3, 2, 64\]"
+    with pytest.raises(RuntimeError, match=expected):
+        ops.bitplane_lut(torch.randn(1, 64), planes, coef.transpose(1, 2), offset, 32, b)
+
+
+def shift_add_layer(in_features=96, out_features=70):
+    """A shift_add layer with random planes and scales (a fit is not what is tested here)."""
+    from reparam.methods.shift_add import ShiftAddConfig, ShiftAddLinear
+
+    layer = ShiftAddLinear(in_features, out_features, True, ShiftAddConfig(bits=3, group_size=32))
+    with torch.no_grad():
+        layer.planes.copy_(torch.randint(0, 256, layer.planes.shape, dtype=torch.uint8))
+        layer.params.copy_(torch.rand(layer.params.shape) * 0.1)
+        layer.bias.normal_()
+    return layer
+
+
+def test_layer_forward_follows_its_params():
+    layer = shift_add_layer()
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
+        layer.params.mul_(2)  # an in-place change must not leave a stale cached linear form
+        torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_through_the_compiled_op_match_the_dense_layer():
+    layer = shift_add_layer()
+    x = torch.randn(3, 96, requires_grad=True)
+    layer(x).square().sum().backward()
+    grad_x, grad_bias = x.grad.clone(), layer.bias.grad.clone()
+    x.grad, layer.bias.grad = None, None
+    weight = layer.materialize().detach()
+    F.linear(x, weight, layer.bias).square().sum().backward()
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_bias, layer.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
+def test_op_registration_passes_opcheck(op, random_layer):
+    planes, coef, offset, b = random_layer(64, 96, 2, 32)
+    x = torch.randn(2, 96, requires_grad=True)
+    torch.library.opcheck(getattr(ops, op).default, (x, planes, coef, offset, 32, b.requires_grad_()))
+
+
+def test_compiled_graph_keeps_the_op_whole():
+    layer = shift_add_layer()
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), layer(x))
