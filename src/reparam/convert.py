@@ -12,7 +12,7 @@ from torch import nn
 from .calibration import collect_stats
 from .core.config import ConfigError, MethodConfig
 from .core.module import state_nbytes, state_numel
-from .core.registry import Method, get_method, parse_config
+from .core.registry import Method, get_method, module_config, parse_config
 from .core.stats import LayerStats
 from .progress import progress_bar
 from .recipe import RecipeLike, Rule, parse_recipe
@@ -159,7 +159,9 @@ def _resolve(plan: list[Planned], stats: dict[str, LayerStats], *, progress: boo
     for items in by_config.values():
         layers = {p.name: (p.module, stats.get(p.name)) for p in items}
         resolved.update(items[0].config.resolve(layers, progress=progress))
-    return [dataclasses.replace(p, config=resolved[p.name]) for p in plan]
+    # A resolved config may name another method (``method: "auto"`` picks one per layer).
+    return [dataclasses.replace(p, config=resolved[p.name], method=get_method(resolved[p.name].method))
+            for p in plan]
 
 
 def _swap_all(model: nn.Module, plan: list[Planned], stats: dict[str, LayerStats], *,
@@ -174,5 +176,5 @@ def _swap_all(model: nn.Module, plan: list[Planned], stats: dict[str, LayerStats
                              lambda old: item.method.apply(old, item.config, layer_stats))
             error = layer_stats.output_error(original, new.weight) if layer_stats is not None else None
             rows.append(LayerReport(item.name, item.method.name, before_numel, state_numel(new),
-                                    before_bytes, state_nbytes(new), error))
+                                    before_bytes, state_nbytes(new), error, module_config(new).to_dict()))
     return ConversionReport(rows)

@@ -13,6 +13,7 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     output_error: float | None = None  # ‖(W − Ŵ)X‖ / ‖WX‖ on calibration inputs
+    config: dict | None = None  # the config the layer was converted with, as saved (what "auto" chose)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,11 @@ class ConversionReport:
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.layers] + [len("total")])
-        head = f"{'layer':<{width}}  {'method':<12} {'params':>17} {'bytes':>21} {'ratio':>6} {'out err':>8}"
+        head = f"{'layer':<{width}}  {'method':<12} {'params':>17} {'bytes':>21} {'ratio':>6} {'out err':>8}  config"
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(_row(r.name, r.method, r.params_before, r.params_after,
-                              r.bytes_before, r.bytes_after, r.output_error, width))
+                              r.bytes_before, r.bytes_after, r.output_error, width) + "  " + _brief(r.config))
         lines.append("-" * len(head))
         errors = [r.output_error for r in self.layers if r.output_error is not None]
         mean_error = sum(errors) / len(errors) if errors else None
@@ -59,6 +60,15 @@ def _row(name, method, p0, p1, b0, b1, error, width) -> str:
     err = f"{error:8.4f}" if error is not None else f"{'-':>8}"
     return (f"{name:<{width}}  {method:<12} {p0:>8,}→{p1:<8,} {_size(b0):>10}→{_size(b1):<10} "
             f"{ratio:6.3f} {err}")
+
+
+def _brief(config: dict | None) -> str:
+    """The fields that set a layer's size, e.g. ``bits=3 group_size=64``."""
+    if not config:
+        return ""
+    shown = ("bits", "group_size", "size_ratio", "rank", "rank_bits", "rank_ratio", "atoms", "nnz", "base")
+    return " ".join(f"{k}={_brief(v) if isinstance(v, dict) and 'method' in v and k == 'base' else v}"
+                    for k, v in config.items() if k in shown and v is not None)
 
 
 def _size(n: int) -> str:
