@@ -64,7 +64,7 @@ class QuantizedConfig(MethodConfig):
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 32
                                             or self.group_size % 32):
             raise ConfigError(f"{self.method}: group_size={self.group_size!r} must be a positive multiple of 32 "
-                              "(whole bytes per group, and the kernel's tile), or None for the default")
+                              "(whole bytes per group, and the kernel's tile); 128 is the usual choice")
         check_choice(self.method, "fit", self.fit, FITS)
         check_flag(self.method, "act_order", self.act_order)
 
