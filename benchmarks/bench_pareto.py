@@ -31,21 +31,21 @@ from common import RESULTS, commit, write_results
 
 DOCS = Path(__file__).parent.parent / "docs"
 
+AUTO = {f"auto {t}": {"method": "auto", "target_bits": t} for t in (3.0, 2.25, 2.5, 3.5, 4.0)}
 SINGLE = {
     **{f"affine {b}b": {"method": "affine", "bits": b} for b in (2, 3, 4)},
     **{f"affine {b}b g64": {"method": "affine", "bits": b, "group_size": 64} for b in (2, 3)},
     **{f"shift_add {b}b": {"method": "shift_add", "bits": b} for b in (2, 3, 4)},
     **{f"low_rank {r}": {"method": "low_rank", "size_ratio": r} for r in (0.25, 0.5)},
-    "dense_sparse 0.25": {"method": "dense_sparse", "size_ratio": 0.25},
 }
+SLOW = {"dense_sparse 0.25": {"method": "dense_sparse", "size_ratio": 0.25}}  # tens of minutes on MiniLM
 COMPOSED = {
     **{f"qera affine {b}b +{r}": {"method": "qera", "base": {"method": "affine", "bits": b}, "rank_bits": r}
        for b, r in ((2, 0.5), (3, 0.25), (3, 0.5))},
     **{f"quantized_low_rank {b}b {r}": {"method": "quantized_low_rank", "base": {"method": "affine", "bits": b},
                                         "rank_ratio": r} for b, r in ((4, 0.5), (8, 0.5))},
 }
-AUTO = {f"auto {t}": {"method": "auto", "target_bits": t} for t in (2.25, 2.5, 3.0, 3.5, 4.0)}
-FAMILY = {"single": SINGLE, "composed": COMPOSED, "auto": AUTO}
+FAMILY = {"auto": AUTO, "single": SINGLE, "composed": COMPOSED}
 
 
 def stored_bits(model: torch.nn.Module) -> float:
@@ -66,14 +66,15 @@ def harness_for(model_name: str, windows: int):
     return harness, harness.perplexity, "perplexity"
 
 
-def run(model_name: str, only: str | None, windows: int) -> None:
+def run(model_name: str, only: str | None, windows: int, slow: bool) -> None:
     harness, quality, metric = harness_for(model_name, windows)
     path = RESULTS / f"pareto_{model_name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     if not any(r["label"] == "dense" for r in rows):
         rows.append({"label": "dense", "family": "dense", "bits per weight": 32.0,
                      metric: round(quality(harness.fresh_model()), 4), "seconds": 0.0})
-    for family, configs in FAMILY.items():
+    families = {**FAMILY, "single": {**SINGLE, **SLOW}} if slow else FAMILY
+    for family, configs in families.items():
         for label, config in configs.items():
             if only and only not in label:
                 continue
@@ -157,6 +158,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("minilm", "smollm2"), default=["minilm", "smollm2"])
     parser.add_argument("--only", help="run only the configs whose label contains this text")
     parser.add_argument("--windows", type=int, default=32, help="SmolLM2 calibration and evaluation windows")
+    parser.add_argument("--slow", action="store_true", help="also dense_sparse (tens of minutes per model)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNGs from the saved results")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -165,7 +167,7 @@ def main() -> None:
             rows = json.loads((RESULTS / f"pareto_{model_name}.json").read_text())["rows"]
             plot(model_name, rows, "fidelity" if model_name == "minilm" else "perplexity")
         else:
-            run(model_name, args.only, args.windows)
+            run(model_name, args.only, args.windows, args.slow)
 
 
 if __name__ == "__main__":

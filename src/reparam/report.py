@@ -63,12 +63,14 @@ def _row(name, method, p0, p1, b0, b1, error, width) -> str:
 
 
 def _brief(config: dict | None) -> str:
-    """The fields that set a layer's size, e.g. ``bits=3 group_size=64``."""
+    """The fields that set a layer's size, e.g. ``bits=3 group_size=64``; a composed layer's base in brackets."""
     if not config:
         return ""
-    shown = ("bits", "group_size", "size_ratio", "rank", "rank_bits", "rank_ratio", "atoms", "nnz", "base")
-    return " ".join(f"{k}={_brief(v) if isinstance(v, dict) and 'method' in v and k == 'base' else v}"
-                    for k, v in config.items() if k in shown and v is not None)
+    shown = ("bits", "group_size", "size_ratio", "rank", "rank_bits", "rank_ratio", "atoms", "nnz")
+    fields = [f"{k}={v}" for k, v in config.items() if k in shown and v is not None]
+    if isinstance(config.get("base"), dict):
+        fields.insert(0, f"[{config['base']['method']} {_brief(config['base'])}]")
+    return " ".join(fields)
 
 
 def _size(n: int) -> str:
