@@ -193,3 +193,11 @@ def test_a_budget_below_every_candidate_is_an_error_before_anything_changes():
                         calib=calibration(), progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(type(m) is nn.Linear for m in (model.a, model.b, model.c))
+
+
+def test_apply_to_one_layer_spends_that_layers_budget():
+    linear = nn.Linear(64, 64)
+    stats = reparam.LayerStats.from_inputs(torch.randn(256, 64))
+    candidates = [{"method": "affine", "bits": b} for b in (2, 3, 4, 8)]
+    layer = reparam.apply(linear, {"method": "auto", "target_bits": 4.9, "candidates": candidates}, stats)
+    assert (layer.config.method, layer.config.bits, layer.config.group_size) == ("affine", 4, 64)  # 4.5 bits
