@@ -3,7 +3,7 @@
 
     python benchmarks/bench_pareto.py                  # MiniLM and SmolLM2
     python benchmarks/bench_pareto.py --models minilm  # MiniLM only
-    python benchmarks/bench_pareto.py --models minilm --only auto   # configs whose label contains "auto"
+    python benchmarks/bench_pareto.py --models minilm --only auto "affine 3b"   # labels containing these
 
 MiniLM: embedding fidelity with all 36 encoder Linear layers converted (128
 calibration sentences, 256 held-out). SmolLM2-135M: perplexity with all 210
@@ -66,7 +66,7 @@ def harness_for(model_name: str, windows: int):
     return harness, harness.perplexity, "perplexity"
 
 
-def run(model_name: str, only: str | None, windows: int, slow: bool) -> None:
+def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> None:
     harness, quality, metric = harness_for(model_name, windows)
     path = RESULTS / f"pareto_{model_name}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -76,7 +76,7 @@ def run(model_name: str, only: str | None, windows: int, slow: bool) -> None:
     families = {**FAMILY, "single": {**SINGLE, **SLOW}} if slow else FAMILY
     for family, configs in families.items():
         for label, config in configs.items():
-            if only and only not in label:
+            if only and not any(text in label for text in only):
                 continue
             model = harness.fresh_model()
             start = time.perf_counter()
@@ -156,7 +156,7 @@ def plot(model_name: str, rows: list[dict], metric: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=("minilm", "smollm2"), default=["minilm", "smollm2"])
-    parser.add_argument("--only", help="run only the configs whose label contains this text")
+    parser.add_argument("--only", nargs="+", help="run only the configs whose label contains one of these texts")
     parser.add_argument("--windows", type=int, default=32, help="SmolLM2 calibration and evaluation windows")
     parser.add_argument("--slow", action="store_true", help="also dense_sparse (tens of minutes per model)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNGs from the saved results")

@@ -138,7 +138,7 @@ def allocate(layers: Layers, candidates: Sequence[MethodConfig], budget: int, *,
         if not fits:
             raise ConfigError(f"no candidate applies to layer '{name}' ({tuple(weight.shape)}); "
                               "add candidates that fit its shape")
-        scored[name] = [_score(get_method(c.method), c, c.cheap(), module, stats) for c in fits]
+        scored[name] = [_score(c, c.cheap(), module, stats) for c in fits]
     chosen = choose(scored, budget)
     if refine:
         for name, (module, stats) in progress_bar(layers.items(), desc="refining", total=len(layers),
@@ -146,7 +146,7 @@ def allocate(layers: Layers, candidates: Sequence[MethodConfig], budget: int, *,
             front = _pareto(scored[name])
             at = front.index(chosen[name])
             near = {id(o) for o in front[max(0, at - refine):at + refine + 1]}
-            scored[name] = [_score(get_method(o.key.method), o.key, o.key, module, stats)
+            scored[name] = [_score(o.key, o.key, module, stats)
                             if id(o) in near and o.key.cheap() != o.key else o for o in scored[name]]
         chosen = choose(scored, budget)
     return {name: option.key for name, option in chosen.items()}
@@ -160,10 +160,9 @@ def _fits(config: MethodConfig, name: str, weight: torch.Tensor) -> bool:
     return True
 
 
-def _score(method, config: MethodConfig, fit: MethodConfig, module: nn.Module,
-           stats: LayerStats | None) -> Option:
+def _score(config: MethodConfig, fit: MethodConfig, module: nn.Module, stats: LayerStats | None) -> Option:
     """``config``'s stored weight bytes and squared relative error, fitted as ``fit``."""
-    new = method.apply(module, fit, stats)
+    new = get_method(fit.method).apply(module, fit, stats)
     weight, approx = module.weight.detach(), new.weight.detach()
     if stats is not None:
         error = stats.output_error(weight, approx) ** 2

@@ -36,8 +36,6 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     *({"method": "affine", "bits": bits, "group_size": 64} for bits in (2, 3, 4)),
     *({"method": "qera", "base": {"method": "affine", "bits": bits}, "rank_bits": rank_bits}
       for bits in (2, 3, 4) for rank_bits in (0.25, 0.5)),
-    *({"method": "quantized_low_rank", "base": {"method": "affine", "bits": bits}, "rank_ratio": ratio}
-      for bits in (4, 8) for ratio in (0.25, 0.5)),
 )
 
 
