@@ -69,10 +69,11 @@ def harness_for(model_name: str, windows: int):
 def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> None:
     harness, quality, metric = harness_for(model_name, windows)
     path = RESULTS / f"pareto_{model_name}.json"
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    rows = _load(path)
     if not any(r["label"] == "dense" for r in rows):
         rows.append({"label": "dense", "family": "dense", "bits per weight": 32.0,
                      metric: round(quality(harness.fresh_model()), 4), "seconds": 0.0})
+        _save(path, rows, model_name, metric, windows)
     families = {**FAMILY, "single": {**SINGLE, **SLOW}} if slow else FAMILY
     for family, configs in families.items():
         for label, config in configs.items():
@@ -90,10 +91,15 @@ def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> No
                     key = _short(layer.config)
                     chosen[key] = chosen.get(key, 0) + 1
                 row["chosen"] = chosen
-            rows = [r for r in rows if r["label"] != label] + [row]
             print(row, flush=True)
+            # Re-read before writing: runs of other labels may be going on beside this one.
+            rows = [r for r in _load(path) if r["label"] != label] + [row]
             _save(path, rows, model_name, metric, windows)
     plot(model_name, rows, metric)
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def _short(config: dict) -> str:
@@ -164,7 +170,7 @@ def main() -> None:
     torch.manual_seed(0)
     for model_name in args.models:
         if args.plot_only:
-            rows = json.loads((RESULTS / f"pareto_{model_name}.json").read_text())["rows"]
+            rows = _load(RESULTS / f"pareto_{model_name}.json")
             plot(model_name, rows, "fidelity" if model_name == "minilm" else "perplexity")
         else:
             run(model_name, args.only, args.windows, args.slow)
