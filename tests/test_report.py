@@ -26,7 +26,7 @@ def test_csv_and_markdown_hold_every_layer_exactly():
     assert float(rows[0]["ratio"]) == pytest.approx(report.layers[0].bytes_after / report.layers[0].bytes_before)
     markdown = report.to_markdown().splitlines()
     assert markdown[0] == "| name | method | params_before | params_after | bytes_before | bytes_after | " \
-                          "output_error | ratio |"
+                          "output_error | config | ratio |"
     assert len(markdown) == 2 + len(report.layers)
     assert markdown[2].startswith(f"| 0 | low_rank | 136 | {report.layers[0].params_after} | 544 |")
 

@@ -15,9 +15,12 @@ from . import optim
 from .fold import fold
 from .io import FileFormatError, converted_modules, load, save
 from .methods.affine import AffineConfig, AffineLinear
+from .methods.auto import AutoConfig
 from .methods.compander import CompanderConfig
 from .methods.dense_sparse import DenseSparseConfig, DenseSparseLinear
 from .methods.low_rank import LowRankConfig, LowRankLinear
+from .methods.qera import QeraConfig, QeraLinear
+from .methods.quantized_low_rank import QuantizedLowRankConfig, QuantizedLowRankLinear
 from .methods.scale_vector import ScaleVectorConfig
 from .methods.shift_add import ShiftAddConfig, ShiftAddLinear
 from .recipe import parse_recipe
@@ -32,4 +35,5 @@ __all__ = [
     "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig", "ShiftAddConfig", "ShiftAddLinear",
     "apply", "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
     "optim", "parse_recipe", "plan_conversion", "save",
+    "AutoConfig", "QeraConfig", "QeraLinear", "QuantizedLowRankConfig", "QuantizedLowRankLinear",
 ]

@@ -299,4 +299,6 @@ def _resolve(plan: list[Planned], stats: dict[str, LayerStats], *, progress: boo
     for items in by_config.values():
         layers = {p.name: (p.module, stats.get(p.name)) for p in items}
         resolved.update(items[0].config.resolve(layers, progress=progress))
-    return [dataclasses.replace(p, config=resolved[p.name]) for p in plan]
+    # A resolved config may name another method (``method: "auto"`` picks one per layer).
+    return [dataclasses.replace(p, config=resolved[p.name], method=get_method(resolved[p.name].method))
+            for p in plan]

@@ -38,9 +38,13 @@ __all__ = ["FORMAT_VERSION", "FileFormatError", "converted_modules", "load", "sa
 
 
 def converted_modules(model: nn.Module) -> dict[str, MethodConfig]:
-    """Name -> config of every reparameterized module in ``model``."""
-    return {name: config for name, module in model.named_modules()
-            if (config := module_config(module)) is not None}
+    """Name -> config of every reparameterized module in ``model``, not counting
+    the parts of a composed one (e.g. the quantized layer inside a ``qera`` layer)."""
+    found: dict[str, MethodConfig] = {}
+    for name, module in model.named_modules():  # parents come before their children
+        if (config := module_config(module)) is not None and not name.startswith(tuple(f"{n}." for n in found)):
+            found[name] = config
+    return found
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:

@@ -321,7 +321,7 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
             if isinstance(error, tuple):
                 error = _output_error(*error, new)
         rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
-                                error))
+                                error, item.config.to_dict()))
 
 
 def _output_error(stats: LayerStats | None, original: torch.Tensor | None, new: nn.Module) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +17,7 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     output_error: float | None = None  # ‖(W − Ŵ)X‖ / ‖WX‖ on calibration inputs
+    config: dict | None = None  # the config the layer was converted with, as saved (what "auto" chose)
 
 
 COLUMNS = [f.name for f in dataclasses.fields(LayerReport)] + ["ratio"]
@@ -53,8 +55,7 @@ class ConversionReport:
         """One row per layer, as a markdown table (bytes exact, output error to 4 decimals)."""
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
         for row in self._rows():
-            lines.append("| " + " | ".join("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-                                           for v in row.values()) + " |")
+            lines.append("| " + " | ".join(_cell(v) for v in row.values()) + " |")
         return "\n".join(lines)
 
     def to_csv(self) -> str:
@@ -62,7 +63,8 @@ class ConversionReport:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self._rows())
+        writer.writerows({k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()}
+                         for row in self._rows())
         return out.getvalue()
 
     def to_dataframe(self):
@@ -80,11 +82,11 @@ class ConversionReport:
 
     def __str__(self) -> str:
         width = max([len(r.name) for r in self.layers] + [len("total")])
-        head = f"{'layer':<{width}}  {'method':<12} {'params':>17} {'bytes':>21} {'ratio':>6} {'out err':>8}"
+        head = f"{'layer':<{width}}  {'method':<12} {'params':>17} {'bytes':>21} {'ratio':>6} {'out err':>8}  config"
         lines = [head, "-" * len(head)]
         for r in self.layers:
             lines.append(_row(r.name, r.method, r.params_before, r.params_after,
-                              r.bytes_before, r.bytes_after, r.output_error, width))
+                              r.bytes_before, r.bytes_after, r.output_error, width) + "  " + _brief(r.config))
         lines.append("-" * len(head))
         errors = [r.output_error for r in self.layers if r.output_error is not None]
         mean_error = sum(errors) / len(errors) if errors else None
@@ -96,11 +98,32 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):  # a config: its fields but the method, which has its own column
+        return ", ".join(f"{k}={v}" for k, v in value.items() if k != "method")
+    return str(value)
+
+
 def _row(name, method, p0, p1, b0, b1, error, width) -> str:
     ratio = b1 / b0 if b0 else float("nan")
     err = f"{error:8.4f}" if error is not None else f"{'-':>8}"
     return (f"{name:<{width}}  {method:<12} {p0:>8,}→{p1:<8,} {_size(b0):>10}→{_size(b1):<10} "
             f"{ratio:6.3f} {err}")
+
+
+def _brief(config: dict | None) -> str:
+    """The fields that set a layer's size, e.g. ``bits=3 group_size=64``; a composed layer's base in brackets."""
+    if not config:
+        return ""
+    shown = ("bits", "group_size", "size_ratio", "rank", "rank_bits", "rank_ratio", "atoms", "nnz")
+    fields = [f"{k}={v}" for k, v in config.items() if k in shown and v is not None]
+    if isinstance(config.get("base"), dict):
+        fields.insert(0, f"[{config['base']['method']} {_brief(config['base'])}]")
+    return " ".join(fields)
 
 
 def _size(n: int) -> str:

@@ -5,7 +5,6 @@ from torch import nn
 import reparam
 from reparam import LayerStats, ShiftAddConfig, ShiftAddLinear
 from reparam.core import state_nbytes
-from reparam.core.quantized import allocate_bits
 from reparam.methods.shift_add import BinaryCoding, pow2_round
 
 
@@ -66,14 +65,6 @@ def test_columns_not_divisible_by_the_group_are_padded():
     x = torch.randn(3, 100)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     assert relative_error(layer.weight, linear.weight) < 0.1
-
-
-def test_allocation_spends_bits_where_they_remove_the_most_error():
-    sizes = {"a": 100, "b": 100, "c": 200}
-    errors = {"a": {2: 1.0, 3: 0.2, 4: 0.1}, "b": {2: 0.3, 3: 0.25, 4: 0.2}, "c": {2: 0.9, 3: 0.3, 4: 0.1}}
-    chosen = allocate_bits(sizes, errors, target_bits=2.75)  # budget: 300 extra bit·weights
-    assert chosen == {"a": 3, "b": 2, "c": 3}
-    assert sum(sizes[n] * b for n, b in chosen.items()) <= 2.75 * 400
 
 
 @pytest.mark.parametrize("values, message", [

@@ -52,6 +52,11 @@ class MethodConfig:
         """
         return {name: self for name in layers}
 
+    def cheap(self) -> "MethodConfig":
+        """A faster variant whose fit ranks like this one's (e.g. round-to-nearest
+        for GPTQ), used by the size-budget allocator (``core.budget``) to score candidates."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
