@@ -79,7 +79,7 @@ class QuantizedConfig(MethodConfig):
         # A group wider than the row only adds zero padding; bounded so that a
         # damaged file's group_size=2**40 never reaches the allocator.
         widest = max(128, -(-in_features // 32) * 32)
-        if self.group_size > widest:
+        if self.group_size is not None and self.group_size > widest:
             raise ConfigError(f"{self.method}: group_size={self.group_size} is wider than layer '{name}' "
                               f"({in_features} inputs); use group_size ≤ {widest}")
 
