@@ -57,10 +57,9 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
             each block calibrated on the unconverted model's activations (the
             statistics of one pass, in sequential's memory); "one_pass": every
             layer calibrated at once on the unconverted model; "auto"
-            (default): "sequential_dense" when the model has a stack of
-            repeated blocks (e.g. a ModuleList of decoder layers) holding
-            calibrated layers (it measured better than "sequential": docs/llm.md),
-            else one pass.
+            (default): "sequential" when the model has a stack of repeated
+            blocks (e.g. a ModuleList of decoder layers) holding calibrated
+            layers (it measured best at low bits: docs/llm.md), else one pass.
         sequential_targets: the block stack for sequential conversion, as a
             ModuleList's path (``"model.layers"``) or the blocks' class name
             (``"LlamaDecoderLayer"``); default: found automatically.

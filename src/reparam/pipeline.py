@@ -38,11 +38,10 @@ from .swap import ModuleSwaps
 logger = logging.getLogger(__name__)
 PIPELINES = ("auto", "sequential", "sequential_dense", "one_pass")
 # What "auto" runs when the model has a block stack. Propagating the converted
-# blocks' outputs ("sequential") measured slightly worse than the unconverted
-# activations on MiniLM (affine 3-bit GPTQ fidelity 0.9616 vs 0.9618; low_rank
-# 0.8: 0.9226 vs 0.9237) and SmolLM2 (affine 4-bit GPTQ perplexity 15.69 vs
-# 15.59): docs/llm.md.
-AUTO_BLOCKWISE = "sequential_dense"
+# blocks' outputs ("sequential") lowered SmolLM2's perplexity at 3 bits (affine
+# GPTQ: 23.56 vs 24.67) and cost little at 4 (15.69 vs 15.59); on MiniLM the
+# two were within 0.001 fidelity (docs/llm.md).
+AUTO_BLOCKWISE = "sequential"
 # Block arguments that would make a block keep a KV cache across calibration batches.
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
