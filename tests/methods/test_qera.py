@@ -43,7 +43,7 @@ def test_the_repair_is_the_optimal_rank_k_correction_of_the_residual():
 
 def test_forward_matches_the_materialized_weight_and_to_linear():
     linear = nn.Linear(100, 24)
-    layer = reparam.apply(linear, {"method": "qera", "base": {"method": "shift_add", "bits": 2}, "rank_bits": 1.0})
+    layer = reparam.apply(linear, {"method": "qera", "base": {"method": "affine", "bits": 2}, "rank_bits": 1.0})
     assert layer.rank == int(100 * 24 // (16 * 124)) and layer.l.dtype == torch.float16
     x = torch.randn(3, 100)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
