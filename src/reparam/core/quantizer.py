@@ -107,10 +107,10 @@ class Quantizer(abc.ABC):
                 continue
             groups = weight[:, span].reshape(-1, width)  # (rows·n, width): row r's n groups are adjacent
             scale = None if importance is None else importance[span].view(-1, width).repeat(rows, 1)
-            parts += [self.fit_group(groups[i:i + FIT_CHUNK], None if scale is None else scale[i:i + FIT_CHUNK])
-                      for i in range(0, groups.shape[0], FIT_CHUNK)]
-        params = torch.cat(parts).view(rows, -1, self.params_per_group)
-        return params.to(PARAM_DTYPE).to(weight.dtype)
+            params = torch.cat([self.fit_group(groups[i:i + FIT_CHUNK], None if scale is None else scale[i:i + FIT_CHUNK])
+                                for i in range(0, groups.shape[0], FIT_CHUNK)])
+            parts.append(params.view(rows, -1, self.params_per_group))
+        return torch.cat(parts, 1).to(PARAM_DTYPE).to(weight.dtype)
 
     def encode_all(self, params: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Codes (rows, in) int64 of a weight, given every group's params (rows, groups, P)."""
