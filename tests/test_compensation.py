@@ -50,3 +50,24 @@ def test_importance_is_in_the_weight_s_own_column_order():
     expected = diagonal + DAMP * diagonal.mean()
     for act_order in (False, True):
         torch.testing.assert_close(Compensation(torch.diag(diagonal), act_order=act_order).importance, expected)
+
+
+@pytest.mark.parametrize("block", [16, 40, 128])
+def test_steps_and_blocks_give_the_plain_column_by_column_recursion(block):
+    # 70 columns: several 16-column steps per block, and a ragged last block and step.
+    torch.manual_seed(0)
+    gram = gram_with_scales(torch.rand(70, dtype=torch.float64) + 0.1)
+    weight = torch.randn(6, 70, dtype=torch.float64)
+    compensation = Compensation(gram)
+    result = torch.empty_like(weight)
+
+    def approximate(col, pending):
+        result[:, col] = (pending[:, 0] * 2).round() / 2
+        return result[:, col]
+
+    compensation.run(weight, approximate, block=block)
+    expected, work, update = torch.empty_like(weight), weight.clone(), compensation.update
+    for i in range(70):
+        expected[:, i] = (work[:, i] * 2).round() / 2
+        work[:, i:] -= ((work[:, i] - expected[:, i]) / update[i, i])[:, None] * update[i, i:]
+    torch.testing.assert_close(result, expected)

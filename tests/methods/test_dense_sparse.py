@@ -144,3 +144,33 @@ def test_on_minilm_beats_low_rank_at_half_the_bytes(minilm):
     assert ratios["dense_sparse"] <= 0.5
     assert fidelity["dense_sparse"] >= 0.85
     assert fidelity["dense_sparse"] > fidelity["low_rank"]
+
+
+def reference_codes(weight, dictionary, nnz, compensation):
+    """Column by column in the weight's own space: support by |D⁺w|·‖d‖, values by least squares on it."""
+    pinv, norms = torch.linalg.pinv(dictionary), dictionary.norm(dim=0)
+    values = torch.empty(nnz, weight.shape[1], dtype=weight.dtype)
+    indices = torch.empty(nnz, weight.shape[1], dtype=torch.int64)
+
+    def approximate(col, pending):
+        column = pending[:, 0]
+        support = ((pinv @ column).abs() * norms).topk(nnz).indices.sort().values
+        atoms = dictionary[:, support]
+        values[:, col], indices[:, col] = torch.linalg.solve(atoms.T @ atoms, atoms.T @ column), support
+        return atoms @ values[:, col]
+
+    compensation.run(weight, approximate)
+    return values, indices
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_codes_from_projections_equal_column_by_column_codes(act_order):
+    from reparam.core.compensation import Compensation
+    from reparam.methods.dense_sparse import SparseDictionary
+    torch.manual_seed(0)
+    weight, dictionary = torch.randn(50, 70, dtype=torch.float64), torch.randn(50, 12, dtype=torch.float64)
+    compensation = Compensation(LayerStats.from_inputs(correlated_inputs(500, 70)).gram, act_order=act_order)
+    values, indices = SparseDictionary(12, 4, None, whitened=True).codes(weight, dictionary, compensation)
+    expected_values, expected_indices = reference_codes(weight, dictionary, 4, compensation)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(values, expected_values)

@@ -132,3 +132,65 @@ def test_on_minilm_shift_add_beats_affine_and_auto_bits_beat_two_bits(minilm):
     assert fidelity["shift_add 3"] > fidelity["affine 3"]
     assert abs(average - 2.5) <= 0.05
     assert fidelity["auto 2.5"] > fidelity["2 bits"]
+
+
+def reference_fit_group(quantizer, weight, importance):
+    """The straightforward ALS on one batch of groups: explicit sign planes, the
+    nearest level by comparing every weight with every level."""
+    bits = quantizer.bits
+    code_signs = ((torch.arange(2 ** bits)[:, None] >> torch.arange(bits) & 1) * 2 - 1).double()  # (2^q, q)
+
+    def least_squares(signs, scale):
+        weighted = signs * scale[..., None]
+        gram = weighted.transpose(1, 2) @ signs
+        gram = gram + 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(signs.shape[-1])
+        return torch.linalg.solve(gram, (weighted.transpose(1, 2) @ weight[..., None])[..., 0])
+
+    def nearest(levels):
+        return (weight[..., None] - levels[:, None, :]).abs().argmin(-1)
+
+    scale = torch.ones_like(weight) if importance is None else importance
+    greedy, residual = torch.empty(*weight.shape, bits, dtype=weight.dtype), weight
+    for i in range(bits):
+        greedy[..., i] = torch.where(residual >= 0, 1.0, -1.0)
+        residual = weight - (greedy[..., :i + 1] * least_squares(greedy[..., :i + 1], torch.ones_like(weight))[:, None]).sum(-1)
+    step = weight.abs().amax(1, keepdim=True) / (2 ** bits - 1)
+    grid = code_signs[nearest((step * 2.0 ** torch.arange(bits)) @ code_signs.T)]
+    best, best_error = None, None
+    for signs in (greedy, grid):
+        alpha = least_squares(signs, scale)
+        for _ in range(15):
+            alpha = least_squares(code_signs[nearest(alpha @ code_signs.T)], scale)
+        levels = alpha @ code_signs.T
+        error = ((weight - levels.gather(1, nearest(levels))).square() * scale).sum(1)
+        best = alpha if best is None else torch.where((error < best_error)[:, None], alpha, best)
+        best_error = error if best_error is None else torch.minimum(error, best_error)
+    return best
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fit_on_sorted_weights_equals_the_straightforward_als(bits, weighted):
+    torch.manual_seed(bits)
+    weight = torch.randn(200, 64, dtype=torch.float64) * torch.rand(200, 1, dtype=torch.float64)
+    importance = torch.rand(200, 64, dtype=torch.float64) + 0.1 if weighted else None
+    quantizer = BinaryCoding(bits, 64, pow2_terms=None)
+    # Levels, not α: both starts can reach the same levels with the planes in another order.
+    levels = quantizer.levels(quantizer.fit_group(weight, importance)).sort(-1).values
+    expected = quantizer.levels(reference_fit_group(quantizer, weight, importance)).sort(-1).values
+    torch.testing.assert_close(levels, expected)
+
+
+def test_all_groups_at_once_equal_group_by_group():
+    # 100 columns in groups of 32: three whole groups and a narrower last one.
+    torch.manual_seed(0)
+    weight = torch.randn(20, 100, dtype=torch.float64)
+    quantizer = BinaryCoding(3, 32, pow2_terms=3)
+    codes, params = quantizer.quantize(weight)
+    for g, start in enumerate(range(0, 100, 32)):
+        group = weight[:, start:start + 32]
+        expected = quantizer.levels(pow2_round(reference_fit_group(quantizer, group, None), 3).half().double())
+        levels = quantizer.levels(params[:, g])
+        torch.testing.assert_close(levels.sort(-1).values, expected.sort(-1).values)
+        nearest = (group[..., None] - levels[:, None, :]).abs().argmin(-1)
+        torch.testing.assert_close(levels.gather(1, codes[:, start:start + 32]), levels.gather(1, nearest))

@@ -29,12 +29,14 @@ import abc
 import math
 
 import torch
+from torch import nn
 
 from .compensation import BLOCK, Compensation
 
 # Parameters are stored in fp16; fits round them on the spot so that error
 # compensation sees the levels that inference will use.
 PARAM_DTYPE = torch.float16
+FIT_CHUNK = 1 << 16  # batch rows fitted at once: bounds the fit's memory (a few (chunk, group_size) float64 tensors)
 
 
 class Quantizer(abc.ABC):
@@ -48,9 +50,9 @@ class Quantizer(abc.ABC):
 
     @abc.abstractmethod
     def fit_group(self, weight: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        """Parameters (rows, P) for a float64 group (rows, columns).
+        """Parameters (n, P) of n float64 groups at once, one per row of ``weight`` (n, columns).
 
-        ``importance`` (columns,), when given, weighs each column's error
+        ``importance`` (n, columns), when given, weighs each weight's error
         (the Hessian's diagonal in the compensated fit)."""
 
     @abc.abstractmethod
@@ -58,7 +60,7 @@ class Quantizer(abc.ABC):
         """(coef (bits, ...), offset (...)) of params (..., P): level(c) = Σ_i coef_i·bit_i(c) + offset."""
 
     def encode(self, params: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Code of the level nearest to each weight (rows, columns), given params (rows, P)."""
+        """Code of the level nearest to each weight (n, columns), given params (n, P) (one group per row)."""
         return nearest(self.levels(params), weight)
 
     def levels(self, params: torch.Tensor) -> torch.Tensor:
@@ -67,9 +69,6 @@ class Quantizer(abc.ABC):
         codes = torch.arange(2 ** self.bits, device=params.device)
         bits = ((codes[:, None] >> torch.arange(self.bits, device=params.device)) & 1).to(params.dtype)
         return torch.einsum("i...,ci->...c", coef, bits) + offset[..., None]
-
-    def _fit_stored(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fit_group(weight, importance).to(PARAM_DTYPE).to(weight.dtype)
 
     def num_groups(self, columns: int) -> int:
         return math.ceil(columns / self.group_size)
@@ -92,38 +91,74 @@ class Quantizer(abc.ABC):
         levels = self.levels(params.to(torch.float64))  # (out, groups, 2^bits)
         return levels[:, groups].gather(-1, codes.unsqueeze(-1)).squeeze(-1)
 
+    def fit_all(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Fp16-exact params (rows, groups, P) of every group of a float64 weight (rows, in), fitted together.
+
+        ``importance`` (in,) weighs each column's error. Groups are fitted as
+        one batch of (rows·groups, group_size) rows (a narrower last group in
+        a batch of its own), ``FIT_CHUNK`` batch rows at a time to bound memory.
+        """
+        rows, columns = weight.shape
+        whole = columns - columns % self.group_size
+        parts = []
+        for span in (slice(0, whole), slice(whole, columns)):
+            width = min(self.group_size, span.stop - span.start)
+            if width == 0:
+                continue
+            groups = weight[:, span].reshape(-1, width)  # (rows·n, width): row r's n groups are adjacent
+            scale = None if importance is None else importance[span].view(-1, width).repeat(rows, 1)
+            params = torch.cat([self.fit_group(groups[i:i + FIT_CHUNK], None if scale is None else scale[i:i + FIT_CHUNK])
+                                for i in range(0, groups.shape[0], FIT_CHUNK)])
+            parts.append(params.view(rows, -1, self.params_per_group))
+        return torch.cat(parts, 1).to(PARAM_DTYPE).to(weight.dtype)
+
+    def encode_all(self, params: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Codes (rows, in) int64 of a weight, given every group's params (rows, groups, P)."""
+        rows, columns = weight.shape
+        padded = nn.functional.pad(weight, (0, params.shape[1] * self.group_size - columns))
+        codes = self.encode(params.reshape(-1, self.params_per_group), padded.reshape(-1, self.group_size))
+        return codes.view(rows, -1)[:, :columns]
+
     def _round_to_nearest(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = torch.empty(weight.shape, dtype=torch.int64)
-        params = []
-        for start in range(0, weight.shape[1], self.group_size):
-            group = weight[:, start:start + self.group_size]
-            params.append(self._fit_stored(group))
-            codes[:, start:start + self.group_size] = self.encode(params[-1], group)
-        return codes, torch.stack(params, 1)
+        params = self.fit_all(weight)
+        return self.encode_all(params, weight), params
 
     def _compensated(self, weight: torch.Tensor, gram: torch.Tensor,
                      act_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
         compensation = Compensation(gram, act_order=act_order)
         importance = compensation.importance
         codes = torch.empty(weight.shape, dtype=torch.int64)
-        params: dict[int, torch.Tensor] = {}  # group → its parameters
+        params: dict[int, torch.Tensor] = {}  # group → its parameters (rows, P)
+        tables: dict[int, tuple[torch.Tensor, ...]] = {}  # group → its levels in ascending order (see ``ascending``)
         if act_order:  # a group's columns are scattered through the loop: fit all groups up front (static groups)
-            for start in range(0, weight.shape[1], self.group_size):
-                span = slice(start, start + self.group_size)
-                params[start // self.group_size] = self._fit_stored(weight[:, span], importance[span])
+            params = dict(enumerate(self.fit_all(weight, importance).unbind(1)))
 
         def approximate(col: int, pending: torch.Tensor) -> torch.Tensor:
             group = col // self.group_size
             if group not in params:  # column order: fit the group to its already-compensated columns
                 width = min(self.group_size, pending.shape[1])
-                params[group] = self._fit_stored(pending[:, :width], importance[col:col + width])
-            codes[:, col] = self.encode(params[group], pending[:, :1])[:, 0]
-            return self.levels(params[group]).gather(1, codes[:, col:col + 1])[:, 0]
+                params[group] = self.fit_all(pending[:, :width], importance[col:col + width])[:, 0]
+            if group not in tables:
+                tables[group] = ascending(self.levels(params[group]))
+            ordered, order, midpoints = tables[group]
+            position = torch.searchsorted(midpoints, pending[:, :1].contiguous())  # (rows, 1)
+            codes[:, col] = order.gather(1, position)[:, 0]
+            return ordered.gather(1, position)[:, 0]
 
         compensation.run(weight, approximate, block=self.group_size * math.ceil(BLOCK / self.group_size))
         return codes, torch.stack([params[group] for group in sorted(params)], 1)
 
 
+def ascending(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Levels (n, L) sorted: (values (n, L), their codes (n, L), midpoints between neighbours (n, L − 1))."""
+    ordered, order = levels.sort(-1)
+    return ordered, order, (ordered[:, 1:] + ordered[:, :-1]) / 2
+
+
 def nearest(levels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Index of the level (rows, L) nearest to each weight (rows, columns)."""
-    return (weight.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)
+    """Index of the level (n, L) nearest to each weight (n, columns).
+
+    A binary search among the midpoints of the sorted levels: O(log L) per
+    weight and no (n, columns, L) intermediate."""
+    _, order, midpoints = ascending(levels)
+    return order.gather(1, torch.searchsorted(midpoints, weight.contiguous()))

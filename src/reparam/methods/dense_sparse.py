@@ -147,20 +147,28 @@ class SparseDictionary(Factorizer):
         return best
 
     def codes(self, weight, dictionary, compensation):
-        """Sparse codes of every column: (values (s, in), indices (s, in) int64)."""
+        """Sparse codes of every column: (values (s, in), indices (s, in) int64, ascending).
+
+        A column's code needs only Dᵀw, and compensation acts on each row of
+        W alike, so it runs on Dᵀ·W (k, in) with the columns' approximations
+        Dᵀ·D·s: k rows instead of out.
+        """
         coder = _Coder(dictionary, self.nnz, self.pattern)
+        projected = dictionary.T @ weight  # (k, in)
         if compensation is None:
-            return coder(weight)
-        values = torch.empty(self.nnz, weight.shape[1], dtype=weight.dtype)
-        indices = torch.empty(self.nnz, weight.shape[1], dtype=torch.int64)
+            values, indices = coder(projected)
+        else:
+            values = torch.empty(self.nnz, weight.shape[1], dtype=weight.dtype)
+            indices = torch.empty(self.nnz, weight.shape[1], dtype=torch.int64)
 
-        def approximate(col: int, pending: torch.Tensor) -> torch.Tensor:
-            v, i = coder(pending[:, :1])
-            values[:, col], indices[:, col] = v[:, 0], i[:, 0]
-            return dictionary[:, i[:, 0]] @ v[:, 0]
+            def approximate(col: int, pending: torch.Tensor) -> torch.Tensor:
+                v, i = coder(pending[:, :1])
+                values[:, col], indices[:, col] = v[:, 0], i[:, 0]
+                return (coder.gram @ v.new_zeros(self.atoms, 1).scatter_(0, i, v))[:, 0]  # Dᵀ·D·s
 
-        compensation.run(weight, approximate)
-        return values, indices
+            compensation.run(projected, approximate)
+        indices, position = indices.sort(0)
+        return values.gather(0, position), indices
 
     @staticmethod
     def dictionary(weight, sparse, gram):
@@ -178,27 +186,31 @@ def _error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None
 
 
 class _Coder:
-    """Support by contribution in the dense code, values by least squares on it."""
+    """Support by contribution in the dense code, values by least squares on
+    it; from a column's projection y = Dᵀw alone."""
 
     def __init__(self, dictionary: torch.Tensor, nnz: int, pattern: str | None):
-        self.dictionary, self.nnz, self.pattern = dictionary, nnz, pattern
-        self.pinv = torch.linalg.pinv(dictionary)
-        self.norms = dictionary.norm(dim=0)
-        self.gram = dictionary.T @ dictionary
+        self.atoms, self.nnz, self.pattern = dictionary.shape[1], nnz, pattern
+        self.gram = dictionary.T @ dictionary  # (k, k) DᵀD
+        # The dense code z = D⁺w = (DᵀD)⁺Dᵀw = D⁺D⁺ᵀ·y, its rows scaled by the atoms'
+        # norms: |z_a|·‖d_a‖ is atom a's contribution.
+        pinv = torch.linalg.pinv(dictionary)  # (k, out)
+        self.contribution = (pinv @ pinv.T) * dictionary.norm(dim=0)[:, None]  # (k, k)
+        # A tiny ridge keeps every support's solve defined (e.g. two equal atoms).
+        self.system = self.gram.clone()
+        self.system.diagonal().add_(1e-12 * self.gram.diagonal().mean().clamp_min(1e-30))
 
-    def __call__(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = ((self.pinv @ columns).abs() * self.norms[:, None]).T  # (n, k)
+    def __call__(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (s, n), indices (s, n)) of columns given as y = Dᵀw (k, n); indices in no particular order."""
+        scores = (self.contribution @ projected).abs()  # (k, n)
         if self.pattern == "2:4":
-            runs = scores.view(scores.shape[0], -1, 4)
-            indices = (runs.topk(2, dim=-1).indices + 4 * torch.arange(runs.shape[1])[:, None]).flatten(1)
+            runs = scores.view(-1, 4, scores.shape[1])
+            indices = (runs.topk(2, dim=1).indices + 4 * torch.arange(runs.shape[0])[:, None, None]).flatten(0, 1)
         else:
-            indices = scores.topk(self.nnz, dim=-1).indices  # (n, s)
-        indices = indices.sort(-1).values
-        sub = self.gram[indices[:, :, None], indices[:, None, :]]  # (n, s, s)
-        sub.diagonal(dim1=1, dim2=2).add_(1e-12 * sub.diagonal(dim1=1, dim2=2).mean().clamp_min(1e-30))
-        rhs = (self.dictionary.T @ columns).T.gather(1, indices)  # (n, s)
-        values = torch.linalg.solve(sub, rhs)
-        return values.T, indices.T
+            indices = scores.topk(self.nnz, dim=0).indices  # (s, n)
+        sub = self.system[indices.T[:, :, None], indices.T[:, None, :]]  # (n, s, s)
+        rhs = projected.gather(0, indices).T  # (n, s)
+        return torch.linalg.solve(sub, rhs).T, indices
 
 
 class _TopS(torch.autograd.Function):

@@ -19,10 +19,11 @@ import dataclasses
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from ..core.config import ConfigError, check_choice
 from ..core.quantized import QuantizedConfig, QuantizedLinear
-from ..core.quantizer import Quantizer, nearest
+from ..core.quantizer import Quantizer
 from ..core.registry import register_wrapper
 
 ALS_ROUNDS = 15  # alternating rounds; at 4 bits fidelity stops improving after about 15
@@ -62,14 +63,23 @@ class BinaryCoding(Quantizer):
         # Alternating least squares from two starts, keeping the better per
         # row: the greedy residual start suits peaked groups, an evenly spaced
         # grid (α_i = 2^i·δ) suits flat ones; at 4 bits the grid wins often.
-        code_signs = self._code_signs(weight.dtype)  # (2^q, q)
+        importance = torch.ones_like(weight) if importance is None else importance
+        # Nearest-level codes are monotone in w, so with each row's weights
+        # sorted, the weights that take one level are a run, and what a round's
+        # least squares need of them (Σ importance·w^k, k = 0, 1, 2, per level)
+        # are differences of prefix sums at the runs' ends: a round costs
+        # O(2^q · log columns) per row, not O(columns).
+        ordered, order = weight.sort(1)
+        weighted = importance.gather(1, order)
+        prefix = nn.functional.pad(torch.stack([weighted, weighted * ordered, weighted * ordered.square()]).cumsum(-1),
+                                   (1, 0))  # (3, n, columns + 1)
+        greedy = self._solve(*self._sums_of_codes(self._greedy_codes(weight), weight, importance))
+        grid = self._solve(*self._sums_of_runs(self._grid_alpha(weight), ordered, prefix)[:2])
         best_alpha, best_error = None, None
-        for signs in (self._greedy_signs(weight), code_signs[nearest(self._grid_levels(weight), weight)]):
-            alpha = self._least_squares(weight, signs, importance)
+        for alpha in (greedy, grid):
             for _ in range(ALS_ROUNDS):
-                signs = code_signs[nearest(alpha @ code_signs.T, weight)]  # (rows, cols, q)
-                alpha = self._least_squares(weight, signs, importance)
-            error = self._error(weight, alpha, code_signs, importance)
+                alpha = self._solve(*self._sums_of_runs(alpha, ordered, prefix)[:2])
+            error = self._error(alpha, *self._sums_of_runs(alpha, ordered, prefix))
             if best_alpha is None:
                 best_alpha, best_error = alpha, error
             else:
@@ -78,47 +88,67 @@ class BinaryCoding(Quantizer):
                 best_error = torch.minimum(error, best_error)
         return pow2_round(best_alpha, self.pow2_terms) if self.pow2_terms else best_alpha
 
-    def _greedy_signs(self, weight: torch.Tensor) -> torch.Tensor:
-        """B_i = sign of the residual left by planes 0..i−1, their scales refitted
-        by least squares after each plane (a plain mean|r| can leave a residual
-        whose sign repeats an earlier plane, and the fit then never separates them)."""
-        signs = torch.empty(*weight.shape, self.bits, dtype=weight.dtype)
-        residual = weight
+    def _greedy_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Codes whose bit i is the sign of the residual left by planes 0..i−1,
+        their scales refitted by (unweighted) least squares after each plane (a
+        plain mean|r| can leave a residual whose sign repeats an earlier plane,
+        and the fit then never separates them)."""
+        codes = torch.zeros(weight.shape, dtype=torch.int64)
+        residual, ones = weight, torch.ones_like(weight)
         for i in range(self.bits):
-            signs[..., i] = torch.where(residual >= 0, 1.0, -1.0)
-            alpha = self._least_squares(weight, signs[..., :i + 1], None)
-            residual = weight - (signs[..., :i + 1] * alpha[:, None, :]).sum(-1)
-        return signs
+            codes |= (residual >= 0).to(torch.int64) << i
+            alpha = self._solve(*self._sums_of_codes(codes, weight, ones, 2 ** (i + 1)))
+            residual = weight - (alpha @ _code_signs(i + 1, weight.dtype).T).gather(1, codes)
+        return codes
 
-    def _grid_levels(self, weight: torch.Tensor) -> torch.Tensor:
-        """Levels ±δ, ±3δ, …, ±(2^q − 1)δ (α_i = 2^i·δ), the outermost at the group's max |w|."""
+    def _grid_alpha(self, weight: torch.Tensor) -> torch.Tensor:
+        """α_i = 2^i·δ: levels ±δ, ±3δ, …, ±(2^q − 1)δ, the outermost at the group's max |w|."""
         step = weight.abs().amax(1, keepdim=True) / (2 ** self.bits - 1)
-        return (step * 2.0 ** torch.arange(self.bits, dtype=weight.dtype)) @ self._code_signs(weight.dtype).T
+        return step * 2.0 ** torch.arange(self.bits, dtype=weight.dtype)
 
-    def _code_signs(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = torch.arange(2 ** self.bits)[:, None] >> torch.arange(self.bits)
-        return ((codes & 1) * 2 - 1).to(dtype)
+    def _sums_of_codes(self, codes, weight, importance, count=None):
+        """(Σ importance, Σ importance·w) (n, count) over the weights of each code."""
+        count = count or 2 ** self.bits
+        sums = torch.zeros(2, weight.shape[0], count, dtype=weight.dtype)
+        sums[0].scatter_add_(1, codes, importance)
+        sums[1].scatter_add_(1, codes, importance * weight)
+        return sums[0], sums[1]
+
+    def _sums_of_runs(self, alpha, ordered, prefix):
+        """(Σ importance·w^k for k = 0, 1, 2) (n, 2^q) over the weights nearest each level of α (n, q)."""
+        levels, order = (alpha @ _code_signs(self.bits, alpha.dtype).T).sort(-1)  # (n, 2^q) ascending
+        ends = torch.searchsorted(ordered, (levels[:, 1:] + levels[:, :-1]) / 2)  # (n, 2^q − 1) weights below each midpoint
+        ends = nn.functional.pad(ends, (1, 0), value=0)
+        ends = nn.functional.pad(ends, (0, 1), value=ordered.shape[1])  # (n, 2^q + 1) run boundaries
+        at = prefix.gather(2, ends.expand(3, -1, -1))
+        runs = at[..., 1:] - at[..., :-1]  # (3, n, 2^q) per level, ascending
+        return tuple(torch.empty_like(runs).scatter_(2, order.expand(3, -1, -1), runs))  # per code
+
+    def _error(self, alpha, count, first, second):
+        """Σ importance·(w − level)² from each code's sums."""
+        levels = alpha @ _code_signs(self.bits, alpha.dtype).T
+        return (second - 2 * levels * first + levels.square() * count).sum(1)
 
     @staticmethod
-    def _error(weight, alpha, code_signs, importance):
-        levels = alpha @ code_signs.T
-        approx = levels.gather(1, nearest(levels, weight))
-        squared = (weight - approx).square()
-        return (squared if importance is None else squared * importance).sum(1)
-
-    @staticmethod
-    def _least_squares(weight, signs, importance):
-        weighted = signs if importance is None else signs * importance[None, :, None]
-        gram = weighted.transpose(1, 2) @ signs  # (rows, q, q)
-        rhs = (weighted.transpose(1, 2) @ weight.unsqueeze(-1)).squeeze(-1)
+    def _solve(count, first):
+        """α (n, q) by least squares given each code's (Σ importance, Σ importance·w) (n, 2^q)."""
+        signs = _code_signs(count.shape[1].bit_length() - 1, count.dtype)  # (2^q, q)
+        outer = (signs[:, :, None] * signs[:, None, :]).flatten(1)  # (2^q, q·q)
+        gram = (count @ outer).view(-1, signs.shape[1], signs.shape[1])  # Σ importance·b bᵀ, (n, q, q)
         # A tiny ridge keeps the solve defined when two planes coincide (e.g. a constant row).
         ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
         gram = gram + ridge[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
-        return torch.linalg.solve(gram, rhs)
+        return torch.linalg.solve(gram, first @ signs)
 
     def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Σ α_i·(2·bit_i − 1) = Σ 2α_i·bit_i − Σ α_i
         return 2 * params.movedim(-1, 0), -params.sum(-1)
+
+
+def _code_signs(bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """(2^bits, bits): ±1 value of every bit of every code."""
+    codes = torch.arange(2 ** bits)[:, None] >> torch.arange(bits)
+    return ((codes & 1) * 2 - 1).to(dtype)
 
 
 def pow2_round(values: torch.Tensor, terms: int) -> torch.Tensor:
