@@ -143,3 +143,13 @@ def test_presets_expand_to_their_configs_and_accept_overrides():
     with pytest.raises(ConfigError, match=r"unknown preset 'w5-gptq'; presets are \[.*'w4-gptq'.*\]; or give a "
                                           r"config dict with a 'method' key, one of \["):
         parse_recipe({"head": "w5-gptq"})
+
+
+@pytest.mark.parametrize("method", reparam.known_methods())
+def test_every_config_field_is_documented_in_help(method):
+    import dataclasses
+
+    config = reparam.get_method(method).config
+    attributes = config.__doc__.split("Attributes:")[1]
+    documented = [line.split(":")[0].strip() for line in attributes.strip().splitlines()]
+    assert documented == [f.name for f in dataclasses.fields(config)]

@@ -22,9 +22,21 @@ class MethodConfig:
 
     Subclasses are frozen dataclasses that set ``method`` (the registry name)
     and check their fields in ``__post_init__`` by raising :class:`ConfigError`.
+    ``FIELD_DOCS`` says what each field means; ``help(SomeConfig)`` lists
+    every field, inherited ones included, under "Attributes".
     """
 
     method: ClassVar[str] = ""
+    FIELD_DOCS: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        docs: dict[str, str] = {}
+        for base in reversed(cls.__mro__):
+            docs.update(base.__dict__.get("FIELD_DOCS", {}))
+        if docs:  # runs before @dataclass, which keeps a docstring it finds
+            lines = "".join(f"        {name}: {text}\n" for name, text in docs.items())
+            cls.__doc__ = f"{(cls.__doc__ or cls.__name__).rstrip()}\n\n    Attributes:\n{lines}"
 
     def requires_calibration(self) -> bool:
         """True when this config cannot be applied without calibration data."""

@@ -41,6 +41,14 @@ class QuantizedConfig(MethodConfig):
     """
 
     BITS: ClassVar[tuple[int, ...]]
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "bits": 'bits per weight (one of BITS), or "auto" with target_bits: a width per layer',
+        "target_bits": 'with bits="auto": stored bits per weight over the rule\'s layers, scales included',
+        "group_size": "columns sharing one set of scales (a multiple of 32); None: the largest of 128, 64, 32 "
+                      "dividing the layer's width",
+        "fit": '"auto" (GPTQ with calibration data, else round-to-nearest), "rtn" or "gptq"',
+        "act_order": "compensated fit in GPTQ's activation order (columns by decreasing activation energy)",
+    }
     bits: int | str = 4
     target_bits: float | None = None
     group_size: int | None = None

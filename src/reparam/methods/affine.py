@@ -25,6 +25,9 @@ class AffineConfig(QuantizedConfig):
     """``bits`` 2 to 8 (or "auto" with ``target_bits``); ``symmetric`` drops the zero point."""
 
     method: ClassVar[str] = "affine"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "symmetric": "levels symmetric around zero (no zero point stored)",
+    }
     BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     symmetric: bool = False
 

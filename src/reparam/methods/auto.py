@@ -56,6 +56,12 @@ class AutoConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "auto"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "target_bits": "stored bits per dense weight over the rule's layers (bias excluded)",
+        "target_bytes": "or: stored bytes in total over the rule's layers",
+        "candidates": "method configs (dicts) to choose from; default DEFAULT_CANDIDATES",
+        "refine": "options per side of each layer's first choice refitted with their real fit; 0: cheap scores",
+    }
     target_bits: float | None = None
     target_bytes: int | None = None
     candidates: tuple[dict[str, Any], ...] | None = None

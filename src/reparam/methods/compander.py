@@ -40,6 +40,11 @@ B_RANGE = (1e-3, 1e3)
 @dataclasses.dataclass(frozen=True)
 class CompanderConfig(MethodConfig):
     method: ClassVar[str] = "compander"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "a": 'cap aπ/2 on |w|, in [0.001, 1000]; "auto": per layer, max|w| at half the cap, never below 0.5',
+        "b": "stretch of the curve, in [0.001, 1000]; 1.0 is the paper's init for learnable b",
+        "learnable": "train one (a, b) pair per layer (the paper's best setting)",
+    }
     a: float | str = "auto"  # cap aπ/2 on |w|; "auto": per layer, max|w| at half the cap, never below 0.5
     b: float = 1.0  # stretch of the curve; 1.0 is the paper's init for learnable b
     learnable: bool = False  # one (a, b) pair per layer, trained ("fine" in the paper, its best setting)

@@ -59,6 +59,14 @@ class DenseSparseConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "dense_sparse"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "size_ratio": "fraction of the dense layer's bytes kept (sets atoms and nnz); or give both of those",
+        "atoms": "k, the dictionary's atoms (columns of D)",
+        "nnz": "s, nonzeros per column of S (atoms each input channel uses)",
+        "factorizer": '"auto", "plain" (weight error) or "whitened" (output error on calibration data)',
+        "pattern": 'None, or "2:4": at most 2 nonzeros in every 4 atoms (N:M sparse tensor cores)',
+        "act_order": "code columns in GPTQ's activation order in the whitened fit",
+    }
     size_ratio: float | None = None
     atoms: int | None = None
     nnz: int | None = None

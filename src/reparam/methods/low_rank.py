@@ -36,6 +36,12 @@ class LowRankConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "low_rank"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "size_ratio": "fraction of the dense layer's bytes kept, bias included (sets the rank)",
+        "rank": "r: U is (out, r), V is (r, in)",
+        "factorizer": '"auto" (whitened with calibration data, else svd), "svd", "asvd" or "whitened"',
+        "asvd_alpha": "ASVD's exponent on mean|x| (0.5, the paper's choice)",
+    }
     size_ratio: float | None = None  # fraction of the dense layer's bytes kept, bias included
     rank: int | None = None
     factorizer: str = "auto"

@@ -34,6 +34,11 @@ class QeraConfig(MethodConfig):
     Set ``rank`` or ``rank_bits``: the bits per dense weight the fp16 factors may add."""
 
     method: ClassVar[str] = "qera"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "base": 'the quantization config of Q, e.g. {"method": "affine", "bits": 3}',
+        "rank": "k of the repair term L·R",
+        "rank_bits": "bits per dense weight the fp16 factors may add (sets the rank)",
+    }
     base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "affine", "bits": 4})
     rank: int | None = None
     rank_bits: float | None = None

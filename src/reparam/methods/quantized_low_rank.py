@@ -34,6 +34,11 @@ class QuantizedLowRankConfig(MethodConfig):
     (rank as a fraction of min(in, out), rounded down to a multiple of 32)."""
 
     method: ClassVar[str] = "quantized_low_rank"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "base": 'the quantization config of both factors, e.g. {"method": "affine", "bits": 4}',
+        "rank": "r of the factors",
+        "rank_ratio": "r as a fraction of min(in, out), rounded down to a multiple of 32",
+    }
     base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "affine", "bits": 4})
     rank: int | None = None
     rank_ratio: float | None = None

@@ -33,6 +33,9 @@ SIDES = ("both", "rows", "columns")
 @dataclasses.dataclass(frozen=True)
 class ScaleVectorConfig(MethodConfig):
     method: ClassVar[str] = "scale_vector"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "sides": 'Linear only: diag(u)·W·diag(v) ("both"), diag(u)·W ("rows") or W·diag(v) ("columns")',
+    }
     sides: str = "both"  # Linear only: diag(u)·W·diag(v) ("both"), diag(u)·W ("rows") or W·diag(v) ("columns")
 
     def __post_init__(self):

@@ -35,6 +35,10 @@ class ShiftAddConfig(QuantizedConfig):
     """``bits`` 2, 3, 4 or "auto" (with ``target_bits``); ``scale`` "pow2" or "float"."""
 
     method: ClassVar[str] = "shift_add"
+    FIELD_DOCS: ClassVar[dict[str, str]] = {
+        "scale": '"pow2": each scale a sum of pow2_terms signed powers of two (multiplication-free); "float"',
+        "pow2_terms": "powers of two per scale, 1 to 4 (ShiftAddLLM's code uses 3)",
+    }
     BITS: ClassVar[tuple[int, ...]] = (2, 3, 4)
     bits: int | str = 3
     scale: str = "pow2"
