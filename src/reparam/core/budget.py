@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, MethodConfig
-from .module import state_nbytes
+from .module import linear_shape, linear_weight, state_nbytes
 from .registry import get_method
 from .stats import LayerStats
 from ..progress import progress_bar
@@ -121,7 +121,7 @@ def budget_bytes(layers: Layers, target_bits: float | None, target_bytes: int | 
     """The rule's byte budget: ``target_bytes``, or ``target_bits`` per dense weight of its layers."""
     if target_bytes is not None:
         return int(target_bytes)
-    weights = sum(module.weight.shape[0] * module.weight[0].numel() for module, _ in layers.values())
+    weights = sum(math.prod(linear_shape(module)) for module, _ in layers.values())
     return int(target_bits * weights // 8)
 
 
@@ -136,7 +136,7 @@ def allocate(layers: Layers, candidates: Sequence[MethodConfig], budget: int, *,
     scored: dict[str, list[Option]] = {}
     for name, (module, stats) in progress_bar(layers.items(), desc="scoring candidates", total=len(layers),
                                                disable=not progress):
-        weight = module.weight.detach()
+        weight = linear_weight(module).detach()  # (out, in), Conv1D's too
         fits = [c for c in candidates if _fits(c, name, weight)]
         if not fits:
             raise ConfigError(f"no candidate applies to layer '{name}' ({tuple(weight.shape)}); "
@@ -166,7 +166,7 @@ def _fits(config: MethodConfig, name: str, weight: torch.Tensor) -> bool:
 def _score(config: MethodConfig, fit: MethodConfig, module: nn.Module, stats: LayerStats | None) -> Option:
     """``config``'s stored weight bytes and its error term e⁴, fitted as ``fit``."""
     new = get_method(fit.method).apply(module, fit, stats)
-    weight, approx = module.weight.detach(), new.weight.detach()
+    weight, approx = linear_weight(module).detach(), new.weight.detach()
     if stats is not None:
         error = stats.output_error(weight, approx)
     else:
