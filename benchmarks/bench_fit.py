@@ -51,7 +51,8 @@ def harness(model: str):
     return built, "perplexity", built.perplexity
 
 
-def model_rows(model: str, methods: list[str], label: str) -> list[dict]:
+def model_rows(model: str, methods: list[str], label: str, save) -> list[dict]:
+    """One row per method; ``save(rows)`` after each, so a long run keeps what it measured."""
     built, metric, measure = harness(model)
     rows = []
     for name in methods:
@@ -62,6 +63,7 @@ def model_rows(model: str, methods: list[str], label: str) -> list[dict]:
         rows.append({"label": label, "model": model, "method": name, "seconds": round(seconds, 1),
                      "quality": f"{metric} {measure(network):.4f}"})
         print(rows[-1], flush=True)
+        save(rows)
     return rows
 
 
@@ -95,14 +97,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = (data_free_rows(args.label) if args.model == "data-free"
-            else model_rows(args.model, args.methods, args.label))
-    for row in rows:
-        row["threads"] = args.threads
+    command = " ".join(["python benchmarks/bench_fit.py"] + sys.argv[1:])
     notes = ("seconds: wall time of reparam.convert (calibration statistics included) or reparam.apply, "
              "on a 2-core machine shared with other jobs; label 'before' is the code before the fast fits. "
              "SmolLM2's weights were stored as Q4_1 in its GGUF and are dequantized on load.")
-    print(write_results("fit", merged(rows), " ".join(["python benchmarks/bench_fit.py"] + sys.argv[1:]), notes))
+
+    def save(rows: list[dict]) -> str:
+        return write_results("fit", merged([{**row, "threads": args.threads} for row in rows]), command, notes)
+
+    if args.model == "data-free":
+        print(save(data_free_rows(args.label)))
+    else:
+        print(save(model_rows(args.model, args.methods, args.label, save)))
 
 
 if __name__ == "__main__":
