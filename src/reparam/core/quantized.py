@@ -138,6 +138,40 @@ def check_size(method: str, count_key: str, count: Any, fraction_key: str, fract
         raise ConfigError(f"{method}: {fraction_key}={fraction!r} must be a positive number")
 
 
+@dataclasses.dataclass(frozen=True)
+class ComposedConfig(MethodConfig):
+    """A composed method: tensors stored by a ``base`` quantization config,
+    with a rank set by ``rank`` or by the subclass's ``SIZE_FIELD``."""
+
+    SIZE_FIELD: ClassVar[str]
+    base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "affine", "bits": 4})
+    rank: int | None = None
+
+    def __post_init__(self):
+        base = self.base.to_dict() if isinstance(self.base, MethodConfig) else dict(self.base)
+        object.__setattr__(self, "base", parse_base(self.method, base).to_dict())
+        check_size(self.method, "rank", self.rank, self.SIZE_FIELD, getattr(self, self.SIZE_FIELD))
+
+    @property
+    def base_config(self) -> QuantizedConfig:
+        return parse_base(self.method, self.base)
+
+    def requires_calibration(self) -> bool:
+        return self.base_config.requires_calibration()
+
+    def uses_calibration(self) -> bool:
+        return True  # the low-rank part is whitened whenever statistics are there
+
+    def cheap(self) -> "ComposedConfig":
+        return self.replace(base=self.base_config.cheap().to_dict())
+
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        if self.rank is not None and self.rank > min(in_features, out_features):
+            raise ConfigError(f"{self.method}: rank={self.rank} exceeds min(in, out)="
+                              f"{min(in_features, out_features)} of layer '{name}'; lower the rank or use "
+                              f"{self.SIZE_FIELD}")
+
+
 class QuantizedLinear(ReparamModule):
     """``nn.Linear`` with W stored as ``bits`` bit-planes and per-group parameters.
 

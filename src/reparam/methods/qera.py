@@ -12,16 +12,15 @@ two thin products to the quantized one. L and R are stored in fp16.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig
 from ..core.factorizer import Identity, TruncatedSVD, Whitening
 from ..core.module import ReparamModule
-from ..core.quantized import QuantizedLinear, check_size, parse_base
+from ..core.quantized import ComposedConfig, QuantizedLinear
 from ..core.registry import register_wrapper
 from ..core.stats import LayerStats
 
@@ -29,7 +28,7 @@ FACTOR_DTYPE = torch.float16  # L, R as stored: half the bytes of fp32, ample fo
 
 
 @dataclasses.dataclass(frozen=True)
-class QeraConfig(MethodConfig):
+class QeraConfig(ComposedConfig):
     """``base``: the quantization config of Q (a dict, e.g. ``{"method": "affine", "bits": 3}``).
     Set ``rank`` or ``rank_bits``: the bits per dense weight the fp16 factors may add."""
 
@@ -39,32 +38,8 @@ class QeraConfig(MethodConfig):
         "rank": "k of the repair term L·R",
         "rank_bits": "bits per dense weight the fp16 factors may add (sets the rank)",
     }
-    base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "affine", "bits": 4})
-    rank: int | None = None
+    SIZE_FIELD: ClassVar[str] = "rank_bits"
     rank_bits: float | None = None
-
-    def __post_init__(self):
-        base = self.base.to_dict() if isinstance(self.base, MethodConfig) else dict(self.base)
-        object.__setattr__(self, "base", parse_base(self.method, base).to_dict())
-        check_size(self.method, "rank", self.rank, "rank_bits", self.rank_bits)
-
-    @property
-    def base_config(self):
-        return parse_base(self.method, self.base)
-
-    def requires_calibration(self) -> bool:
-        return self.base_config.requires_calibration()
-
-    def uses_calibration(self) -> bool:
-        return True  # the repair is whitened whenever statistics are there
-
-    def cheap(self) -> "QeraConfig":
-        return self.replace(base=self.base_config.cheap().to_dict())
-
-    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
-        if self.rank is not None and self.rank > min(in_features, out_features):
-            raise ConfigError(f"{self.method}: rank={self.rank} exceeds min(in, out)="
-                              f"{min(in_features, out_features)} of layer '{name}'; lower the rank or use rank_bits")
 
     def rank_for(self, in_features: int, out_features: int) -> int:
         if self.rank is not None:

@@ -12,15 +12,15 @@ Without calibration G = I and the fits are round-to-nearest.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, MethodConfig
+from ..core.config import ConfigError
 from ..core.factorizer import Identity, TruncatedSVD, Whitening
 from ..core.module import ReparamModule
-from ..core.quantized import QuantizedLinear, check_size, parse_base
+from ..core.quantized import ComposedConfig, QuantizedLinear
 from ..core.registry import register_wrapper
 from ..core.stats import LayerStats
 
@@ -28,7 +28,7 @@ RANK_STEP = 32  # ranks are rounded down to whole quantization groups of U's inp
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedLowRankConfig(MethodConfig):
+class QuantizedLowRankConfig(ComposedConfig):
     """``base``: the quantization config of both factors (a dict, e.g.
     ``{"method": "affine", "bits": 4}``). Set ``rank`` or ``rank_ratio``
     (rank as a fraction of min(in, out), rounded down to a multiple of 32)."""
@@ -39,34 +39,13 @@ class QuantizedLowRankConfig(MethodConfig):
         "rank": "r of the factors",
         "rank_ratio": "r as a fraction of min(in, out), rounded down to a multiple of 32",
     }
-    base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "affine", "bits": 4})
-    rank: int | None = None
+    SIZE_FIELD: ClassVar[str] = "rank_ratio"
     rank_ratio: float | None = None
 
     def __post_init__(self):
-        base = self.base.to_dict() if isinstance(self.base, MethodConfig) else dict(self.base)
-        object.__setattr__(self, "base", parse_base(self.method, base).to_dict())
-        check_size(self.method, "rank", self.rank, "rank_ratio", self.rank_ratio)
+        super().__post_init__()
         if self.rank_ratio is not None and self.rank_ratio > 1:
             raise ConfigError(f"{self.method}: rank_ratio={self.rank_ratio!r} must be in (0, 1]")
-
-    @property
-    def base_config(self):
-        return parse_base(self.method, self.base)
-
-    def requires_calibration(self) -> bool:
-        return self.base_config.requires_calibration()
-
-    def uses_calibration(self) -> bool:
-        return True  # the factorization is whitened whenever statistics are there
-
-    def cheap(self) -> "QuantizedLowRankConfig":
-        return self.replace(base=self.base_config.cheap().to_dict())
-
-    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
-        if self.rank is not None and self.rank > min(in_features, out_features):
-            raise ConfigError(f"{self.method}: rank={self.rank} exceeds min(in, out)="
-                              f"{min(in_features, out_features)} of layer '{name}'; lower the rank or use rank_ratio")
 
     def rank_for(self, in_features: int, out_features: int) -> int:
         if self.rank is not None:
