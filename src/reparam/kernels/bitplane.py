@@ -144,6 +144,20 @@ def bitplane_linear(x, planes, coef, offset, group_size, bias=None):
 if triton is not None:
 
     @triton.jit
+    def _decode_tile(planes_ptr, coef_ptr, offset_ptr, cols, ro, o_ok, g, out_features, nbytes,
+                     coef_si, coef_so, coef_sg, offset_so, offset_sg,
+                     BITS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BLOCK_O, BLOCK_K) float32 tile of W at outputs ``ro`` and columns ``cols`` (all in group ``g``)."""
+        shift = (cols % 8).to(tl.uint8)
+        w = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+        for i in tl.static_range(BITS):
+            byte = tl.load(planes_ptr + (i * nbytes + cols[None, :] // 8) * out_features + ro[:, None],
+                           mask=o_ok[:, None], other=0)
+            c = tl.load(coef_ptr + i * coef_si + ro * coef_so + g * coef_sg, mask=o_ok, other=0.0)
+            w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c.to(tl.float32)[:, None]
+        return w + tl.load(offset_ptr + ro * offset_so + g * offset_sg, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+
+    @triton.jit
     def _bitplane_kernel(x_ptr, planes_ptr, coef_ptr, offset_ptr, bias_ptr, y_ptr,
                          tokens, out_features, in_features, groups, nbytes,
                          coef_si, coef_so, coef_sg, offset_so, offset_sg,
@@ -161,15 +175,8 @@ if triton is not None:
             cols = k0 + rk
             x = tl.load(x_ptr + rt[:, None] * in_features + cols[None, :],
                         mask=t_ok[:, None] & (cols[None, :] < in_features), other=0.0)
-            g = k0 // GROUP
-            w = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-            shift = (cols % 8).to(tl.uint8)
-            for i in tl.static_range(BITS):
-                byte = tl.load(planes_ptr + (i * nbytes + cols[None, :] // 8) * out_features + ro[:, None],
-                               mask=o_ok[:, None], other=0)
-                c = tl.load(coef_ptr + i * coef_si + ro * coef_so + g * coef_sg, mask=o_ok, other=0.0)
-                w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c.to(tl.float32)[:, None]
-            w += tl.load(offset_ptr + ro * offset_so + g * offset_sg, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+            w = _decode_tile(planes_ptr, coef_ptr, offset_ptr, cols, ro, o_ok, k0 // GROUP, out_features, nbytes,
+                             coef_si, coef_so, coef_sg, offset_so, offset_sg, BITS, BLOCK_O, BLOCK_K)
             acc += tl.dot(x.to(tl.float32), tl.trans(w))
         if HAS_BIAS:
             acc += tl.load(bias_ptr + ro, mask=o_ok, other=0.0).to(tl.float32)[None, :]
@@ -219,15 +226,8 @@ if triton is not None:
             cols = step * BLOCK_K + rk
             x = tl.load(x_ptr + rt[:, None] * in_features + cols[None, :],
                         mask=t_ok[:, None] & (cols[None, :] < in_features), other=0.0).to(tl.float32)
-            g = step * BLOCK_K // GROUP
-            shift = (cols % 8).to(tl.uint8)
-            w = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
-            for i in tl.static_range(BITS):
-                byte = tl.load(planes_ptr + (i * nbytes + cols[None, :] // 8) * out_features + ro[:, None],
-                               mask=o_ok[:, None], other=0)
-                c = tl.load(coef_ptr + i * coef_si + ro * coef_so + g * coef_sg, mask=o_ok, other=0.0)
-                w += ((byte >> shift[None, :]) & 1).to(tl.float32) * c.to(tl.float32)[:, None]
-            w += tl.load(offset_ptr + ro * offset_so + g * offset_sg, mask=o_ok, other=0.0).to(tl.float32)[:, None]
+            w = _decode_tile(planes_ptr, coef_ptr, offset_ptr, cols, ro, o_ok, step * BLOCK_K // GROUP, out_features,
+                             nbytes, coef_si, coef_so, coef_sg, offset_so, offset_sg, BITS, BLOCK_O, BLOCK_K)
             if BLOCK_T >= 16:  # enough rows for the matrix units; ieee keeps float32 exact (no tf32)
                 acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
