@@ -75,7 +75,7 @@ def main() -> None:
     for what, times in ((f"one sentence ({sentence['input_ids'].shape[1]} tokens)", one),
                         (f"a batch of {tuple(batch['input_ids'].shape)} (sentences, tokens)", latency)):
         print(f"CPU latency, {what}: {times['original'] * 1e3:.1f} ms -> {times['compressed'] * 1e3:.1f} ms "
-              f"({times['original'] / times['compressed']:.2f}x faster)")
+              f"(speedup {times['original'] / times['compressed']:.2f}x)")
 
 
 if __name__ == "__main__":

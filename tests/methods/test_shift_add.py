@@ -5,6 +5,7 @@ from torch import nn
 import reparam
 from reparam import LayerStats, ShiftAddConfig, ShiftAddLinear
 from reparam.core import state_nbytes
+from reparam.core.budget import weight_nbytes
 from reparam.methods.shift_add import BinaryCoding, pow2_round
 
 
@@ -126,11 +127,13 @@ def test_on_minilm_shift_add_beats_affine_and_auto_bits_beat_two_bits(minilm):
         reparam.convert(model, {layers: config}, calib=minilm.calib, progress=False)
         fidelity[label] = minilm.fidelity(model)
         converted = [m for m in model.modules() if isinstance(m, ShiftAddLinear)]
-        sizes = [m.in_features * m.out_features for m in converted]
-        average = sum(s * m.config.bits for s, m in zip(sizes, converted)) / sum(sizes)
+        # Stored bits per weight, scales included, as the allocator counts them (core.budget).
+        stored = 8 * sum(weight_nbytes(m) for m in converted) / sum(m.in_features * m.out_features
+                                                                    for m in converted)
     assert fidelity["shift_add 3"] >= 0.95
     assert fidelity["shift_add 3"] > fidelity["affine 3"]
-    assert abs(average - 2.5) <= 0.05
+    # Per block (sequential), 2 of the 4 small layers fit at 3 bits: 2.4375 of the 2.5 allowed.
+    assert 2.4 <= stored <= 2.5
     assert fidelity["auto 2.5"] > fidelity["2 bits"]
 
 
