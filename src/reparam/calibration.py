@@ -93,22 +93,15 @@ class StatsCollector:
                 raise RuntimeError(f"layer '{name}' read the same input tensor as another layer in the first "
                                    "calibration batch but not in a later one; statistics cannot be shared")
             if current is None:
-                current = self._stats[name] = LayerStats.empty(self._width(name, x))
+                current = self._stats[name] = LayerStats.empty(linear_shape(self.layers[name])[0])
                 self._owners.add(name)
             self._seen.setdefault(id(x), (x, current))
-            current.add(self._unpadded(name, x), layer=name)
+            current.add(self._unpadded(x), layer=name)  # add checks the width, dtype and values
         return record
 
-    def _width(self, name: str, x: torch.Tensor) -> int:
-        width = linear_shape(self.layers[name])[0]
-        if x.shape[-1] != width:
-            raise ValueError(f"layer '{name}' takes inputs of width {width}, but calibration fed it "
-                             f"{tuple(x.shape)}; pass calib batches the model itself accepts")
-        return width
-
-    def _unpadded(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _unpadded(self, x: torch.Tensor) -> torch.Tensor:
         mask = self._mask
-        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        if mask is not None and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[:2] == mask.shape:
             x = x[mask.to(x.device).bool()]  # (tokens, in)
         return x
 

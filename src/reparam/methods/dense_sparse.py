@@ -270,7 +270,8 @@ class DenseSparseLinear(ReparamModule):
         # (k, in) while STF training has started, (0,) before; never saved.
         self.shadow = nn.Parameter(torch.empty(0, device=device, dtype=self.dtype))
         self._packed_version: tuple[int, int] | None = None  # (values, indices) versions the shadow matches
-        self._values_trainable = True  # values.requires_grad outside training (it is frozen in training)
+        # values.requires_grad from before train() froze it (the shadow carries S in training); None: not frozen
+        self._values_trainable: bool | None = None
         self.training = False  # a converted layer starts packed, like a model in eval()
 
     def fit(self, weight: torch.Tensor, stats: LayerStats | None) -> None:
@@ -328,7 +329,10 @@ class DenseSparseLinear(ReparamModule):
             self.values.requires_grad_(False)
         elif not mode and self.training:
             self._pack()
-            self.values.requires_grad_(self._values_trainable)
+            if self._values_trainable is not None:
+                # A layer frozen while training (d frozen too, e.g. model.requires_grad_(False)) stays frozen.
+                self.values.requires_grad_(self._values_trainable and self.d.requires_grad)
+                self._values_trainable = None
         return super().train(mode)
 
     def _versions(self) -> tuple[int, int]:
