@@ -303,22 +303,22 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
             before = state_numel(item.module), state_nbytes(item.module)
             original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
             owner = None if owners is None or item.method.undo is not None else owners[i]
-            if owner is None or owner == collective.rank:
+            mine = owner is None or owner == collective.rank
+            if mine:
                 build = lambda old: item.method.apply(old, item.config, layer_stats)  # noqa: E731
             else:
                 build = lambda old: item.method.restore(old, item.config)  # noqa: E731
             new = swaps.swap(item.name, item.method, build, aliases=item.aliases)
-            if owner is None or owner == collective.rank:  # measured now, so the statistics can go
-                done.append((item, new, owner, _output_error(layer_stats, original, new), before))
-            else:  # measured once its owner's tensors arrive
-                done.append((item, new, owner, (layer_stats, original), before))
+            # Owned layers are measured now, so their statistics can go; the others once their tensors arrive.
+            error = _output_error(layer_stats, original, new) if mine else None
+            done.append((item, new, owner, error, None if mine else (layer_stats, original), before))
         return done
 
-    for item, new, owner, error, (numel, nbytes) in step(collective, fit_mine):
+    for item, new, owner, error, deferred, (numel, nbytes) in step(collective, fit_mine):
         if owner is not None:
             collective.share(new, owner)
-            if isinstance(error, tuple):
-                error = _output_error(*error, new)
+        if deferred is not None:
+            error = _output_error(*deferred, new)
         rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
                                 error, item.config.to_dict()))
 
