@@ -44,6 +44,14 @@ def test_knapsack_rounds_large_sizes_up_and_never_exceeds_the_budget():
     assert sum(o.size for o in chosen.values()) <= budget
 
 
+def test_a_budget_exactly_at_the_smallest_choice_is_met_however_sizes_round():
+    gen = torch.Generator().manual_seed(1)
+    options = {f"l{i}": [Option(j, int(torch.randint(10_000, 10_000_000, (), generator=gen)),
+                                float(torch.rand((), generator=gen))) for j in range(4)] for i in range(30)}
+    floors = {name: min(opts, key=lambda o: o.size) for name, opts in options.items()}
+    assert choose(options, sum(o.size for o in floors.values()), resolution=1000) == floors
+
+
 def test_an_infeasible_budget_names_the_smallest_choice():
     options = {"a": [Option(0, 10, 1.0), Option(1, 20, 0.5)], "b": [Option(0, 7, 1.0)]}
     with pytest.raises(ConfigError, match="the size budget 16 is below the smallest choice, 17; raise the budget"):
@@ -201,3 +209,61 @@ def test_apply_to_one_layer_spends_that_layers_budget():
     candidates = [{"method": "affine", "bits": b} for b in (2, 3, 4, 8)]
     layer = reparam.apply(linear, {"method": "auto", "target_bits": 4.9, "candidates": candidates}, stats)
     assert (layer.config.method, layer.config.bits, layer.config.group_size) == ("affine", 4, 64)  # 4.5 bits
+
+
+class Branches(nn.Module):
+    """Two identical layers whose outputs the model weighs 1 and 10: only the sensitivity tells them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.quiet, self.loud = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+        with torch.no_grad():
+            self.loud.weight.copy_(self.quiet.weight)
+
+    def forward(self, x):
+        return self.quiet(x) + 10 * self.loud(x)
+
+
+def test_calibrated_auto_spends_the_bits_where_the_models_output_feels_them():
+    torch.manual_seed(0)
+    model = Branches()
+    candidates = [{"method": "affine", "bits": 2, "fit": "rtn"}, {"method": "affine", "bits": 6, "fit": "rtn"}]
+    rule = {"method": "auto", "target_bits": 4.5, "candidates": candidates}  # room for 6 bits in one layer
+    reparam.convert(model, {"re:quiet|loud": rule}, calib=[torch.randn(32, 64) for _ in range(2)], progress=False)
+    assert (model.quiet.config.bits, model.loud.config.bits) == (2, 6)
+
+
+class Residual(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale, self.linear = scale, nn.Linear(64, 64, bias=False)
+
+    def forward(self, h):
+        return h + self.scale * self.linear(h)
+
+
+class TwoBlocks(nn.Module):
+    """Two alike blocks; the first one's output counts 100 times more (scale 10 against 0.1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Residual(10.0), Residual(0.1)])
+        with torch.no_grad():
+            self.blocks[1].linear.weight.copy_(self.blocks[0].linear.weight)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("pipeline", ["sequential", "one_pass"])
+def test_block_by_block_conversion_spends_one_budget_across_blocks(pipeline):
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    candidates = [{"method": "affine", "bits": 2}, {"method": "affine", "bits": 6}]
+    rule = {"method": "auto", "target_bits": 4.5, "candidates": candidates}  # room for 6 bits in one block
+    reparam.convert(model, {"re:blocks\\..*linear": rule}, calib=[torch.randn(32, 64) for _ in range(2)], pipeline=pipeline,
+                    progress=False)
+    # A budget per block would give both blocks the same width.
+    assert [block.linear.config.bits for block in model.blocks] == [6, 2]

@@ -15,7 +15,7 @@ from .core.config import ConfigError, MethodConfig
 from .core.module import linear_shape
 from .core.registry import Method, get_method, module_config, parse_config
 from .core.stats import LayerStats
-from .pipeline import run_pipeline
+from .pipeline import run_pipeline, with_configs
 from .recipe import RecipeLike, Rule, parse_recipe
 from .report import ConversionReport
 
@@ -299,5 +299,4 @@ def _resolve(plan: list[Planned], stats: dict[str, LayerStats], *, progress: boo
         layers = {p.name: (p.module, stats.get(p.name)) for p in items}
         resolved.update(items[0].config.resolve(layers, progress=progress))
     # A resolved config may name another method (``method: "auto"`` picks one per layer).
-    return [dataclasses.replace(p, config=resolved[p.name], method=get_method(resolved[p.name].method))
-            for p in plan]
+    return with_configs(plan, resolved)

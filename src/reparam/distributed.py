@@ -97,6 +97,19 @@ class Collective:
             s.count = int(flat[start])
             start += 1
 
+    def average(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in place (same keys on every rank)."""
+        names = sorted(tensors)
+        if not names:
+            return
+        flat = torch.cat([tensors[name].reshape(-1) for name in names]).to(self.device)
+        self._all_reduce(flat, dist.ReduceOp.SUM)
+        flat = flat.cpu() / self.world
+        start = 0
+        for name in names:
+            tensors[name].copy_(flat[start:start + tensors[name].numel()].view_as(tensors[name]))
+            start += tensors[name].numel()
+
     def owners(self, costs: Sequence[float]) -> list[int]:
         """The rank that fits each item (see :func:`assign`)."""
         return assign(costs, self.world)

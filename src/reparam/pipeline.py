@@ -29,10 +29,12 @@ from torch import nn
 from .calibration import StatsCollector, batch_mask, collect_stats, eval_mode, run_model
 from .core.config import ConfigError
 from .core.module import linear_shape, linear_weight, state_nbytes, state_numel
+from .core.registry import get_method
 from .core.stats import LayerStats
 from .distributed import Collective, fitting_cost, step
 from .progress import progress_bar
 from .report import LayerReport
+from .sensitivity import collect_sensitivity
 from .swap import ModuleSwaps
 
 logger = logging.getLogger(__name__)
@@ -99,13 +101,22 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
                   "found no stack of repeated blocks holding calibrated layers; name it with "
                   "sequential_targets='<ModuleList path or block class>'")
         raise ConfigError(f"pipeline={pipeline!r} {reason}, or use pipeline='one_pass'")
+    allocating = _allocators(plan) if calibrated else {}
+    ranked = {p.name: p.module for p in plan if id(p.config) in allocating}
+    sensitivity: dict[str, torch.Tensor] = {}
+    if ranked:  # measured on the unconverted model, before any swap
+        calib = list(calib)
+        sensitivity = step(collective, lambda: collect_sensitivity(model, calib, ranked, progress=progress))
+        if collective is not None:
+            collective.average(sensitivity)
+        resolve = _with_sensitivity(resolve, sensitivity)
     rows: list[LayerReport] = []
     with ModuleSwaps(model) as swaps, eval_mode(model):
         if blocks:
             batches = list(calib)
             try:
                 _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, propagate=propagate,
-                            collective=collective)
+                            collective=collective, sensitivity=sensitivity)
             except BlockOrderError:  # the same model on every rank: each rank raises it, and each falls back
                 if pipeline != "auto":
                     raise
@@ -114,6 +125,34 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
             _one_pass(model, plan, calib if calibrated else None, resolve, swaps, rows, progress, collective)
     order = {p.name: i for i, p in enumerate(plan)}
     return sorted(rows, key=lambda r: order[r.name])
+
+
+def _allocators(plan: list) -> dict[int, Any]:
+    """A fresh ``Allocator`` per rule that spends one size budget over its layers, by id of the rule's config."""
+    rules: dict[int, list] = {}
+    for item in plan:
+        rules.setdefault(id(item.config), []).append(item)
+    allocators = {key: items[0].config.allocator({p.name: p.module for p in items}) for key, items in rules.items()}
+    return {key: allocator for key, allocator in allocators.items() if allocator is not None}
+
+
+def _sensing(stats: dict[str, LayerStats], sensitivity: dict[str, torch.Tensor]) -> dict[str, LayerStats]:
+    """``stats`` with each ranked layer's output sensitivity attached, on a per-layer
+    copy (layers that share inputs share statistics, not sensitivities)."""
+    return {name: dataclasses.replace(s, sensitivity=sensitivity[name]) if name in sensitivity else s
+            for name, s in stats.items()}
+
+
+def _with_sensitivity(resolve: Resolve, sensitivity: dict[str, torch.Tensor]) -> Resolve:
+    def resolve_ranked(items: list, stats: dict[str, LayerStats], **kwargs) -> list:
+        return resolve(items, _sensing(stats, sensitivity), **kwargs)
+    return resolve_ranked
+
+
+def with_configs(plan: list, configs: dict[str, Any]) -> list:
+    """The plan with the layers named in ``configs`` given those configs (and their methods)."""
+    return [dataclasses.replace(p, config=configs[p.name], method=get_method(configs[p.name].method))
+            if p.name in configs else p for p in plan]
 
 
 def find_blocks(model: nn.Module, layer_names: set[str], targets: str | None = None) -> list[tuple[str, nn.Module]]:
@@ -169,16 +208,18 @@ def _one_pass(model, plan, calib, resolve, swaps, rows, progress, collective=Non
 
 
 def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *, propagate: bool,
-                collective: Collective | None = None) -> None:
-    stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
-    last = max(i for i, stage in enumerate(stages) if stage)
-    blocks, stages = blocks[:last + 1], stages[:last + 1]  # the blocks after the last target need no pass
-    staged = {id(p) for stage in stages for p in stage}
-    outside = [p for p in plan if id(p) not in staged]
+                collective: Collective | None = None, sensitivity: dict[str, torch.Tensor] | None = None) -> None:
+    last = max(i for i, (prefix, _) in enumerate(blocks) if any(_inside(p.name, prefix) for p in plan))
+    blocks = blocks[:last + 1]  # the blocks after the last target need no pass
     calls = step(collective, lambda: capture_block_inputs(model, batches, [block for _, block in blocks]))
     hidden = [call[0].args[0] for call in calls]  # (B, T, hidden) per batch, the first block's input
     for call in calls:
         call[0].args[0] = None  # held once, in `hidden`
+    if sensitivity:
+        plan = _allocate_by_blocks(model, plan, batches, blocks, hidden, calls, sensitivity, collective, progress)
+    stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
+    staged = {id(p) for stage in stages for p in stage}
+    outside = [p for p in plan if id(p) not in staged]
     for i, ((_, block), items) in enumerate(progress_bar(list(zip(blocks, stages)), desc="converting blocks",
                                                           disable=not progress)):
         wanted = {p.name: p.module for p in items if p.config.uses_calibration()}
@@ -203,6 +244,45 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
     del hidden, calls
     if outside:
         _one_pass(model, outside, batches, resolve, swaps, rows, progress, collective)
+
+
+def _allocate_by_blocks(model, plan, batches, blocks, hidden, calls, sensitivity, collective, progress) -> list:
+    """The plan with every size-budget rule resolved over the whole model
+    before any block is converted: each sweep runs the unconverted blocks one
+    at a time and hands each rule's ``Allocator`` one block's layers and
+    statistics at a time (first the cheap scores, then, if asked, the
+    refinement around the first choice), so only one block's statistics are
+    held; the layers outside the stack come last, from one pass of the model."""
+    allocators = _allocators(plan)
+    ranked = [p for p in plan if id(p.config) in allocators]
+
+    def sweep(visit: Callable[[Any, Any, LayerStats], None], desc: str) -> None:
+        def visit_all(items: list, stats: dict[str, LayerStats]) -> None:
+            if collective is not None:
+                collective.reduce_stats(stats)
+            stats = _sensing(stats, sensitivity)
+            step(collective, lambda: [visit(allocators[id(p.config)], p, stats[p.name]) for p in items])
+
+        x = hidden
+        for i, (prefix, block) in enumerate(progress_bar(blocks, desc=desc, disable=not progress)):
+            items = [p for p in ranked if _inside(p.name, prefix)]
+            with StatsCollector({p.name: p.module for p in items}) as collector:
+                x = step(collective, lambda: _block_outputs(block, x, calls, i, collector, keep=i + 1 < len(blocks)))
+            visit_all(items, step(collective, collector.stats) if items else {})
+        outside = [p for p in ranked if not any(_inside(p.name, prefix) for prefix, _ in blocks)]
+        if outside:
+            visit_all(outside, step(collective, lambda: collect_stats(model, batches, {p.name: p.module for p in outside},
+                                                                       progress=False)))
+
+    sweep(lambda allocator, p, stats: allocator.score(p.name, p.module, stats), "scoring candidates")
+    for allocator in allocators.values():
+        allocator.solve()
+    if any(allocator.refine for allocator in allocators.values()):
+        sweep(lambda allocator, p, stats: allocator.refine_layer(p.name, p.module, stats) if allocator.refine else None,
+              "refining choices")
+        for allocator in allocators.values():
+            allocator.solve()
+    return with_configs(plan, {p.name: allocators[id(p.config)].chosen[p.name] for p in ranked})
 
 
 def capture_block_inputs(model: nn.Module, batches: list[Any], blocks: list[nn.Module]) -> list[list[BlockCall]]:

@@ -8,21 +8,28 @@ each layer's (size, error) curve, so it skips options that lie above the
 hull but fit the budget better, and leaves part of the budget unspent
 between hull vertices. With tens of layers and a budget only a few bits per
 weight wide that gap is a sizeable share of the error. The DP is exact on
-integer sizes; large sizes are counted in units of ``budget / resolution``
-rounded *up*, so the budget is never exceeded and at most one unit per layer
-is lost to rounding (≤ layers / resolution of the budget).
+integer sizes; it runs over the bytes each layer spends above its smallest
+option, counted, when large, in units of ``spare / resolution`` rounded *up*
+(spare: the budget left after every layer's smallest option), so the budget
+is never exceeded, a budget that fits the smallest options always has a
+solution, and at most one unit per layer is lost to rounding.
 
 Sizes are the stored bytes of a converted layer's weight: everything
 ``state_nbytes`` counts (codes, scales, factors, indices) except the bias,
 which every candidate keeps as it was, so it cannot change a choice. Bits per
-weight = 8 × those bytes / (out × in). The error of a layer is its relative
-output error e on the calibration inputs (``LayerStats.output_error``, the
-number the report prints; the relative weight error without calibration),
-and the total is Σ e⁴ over the layers. Measured on MiniLM at 3.0 bits per
-weight (docs/budget.md), Σ e⁴ gave fidelity 0.909 where Σ e² gave 0.852 and
-Σ e 0.796: the model's error grows faster than the squared sum says when a
-few layers carry large errors (they compound through the later layers), so
-the total must penalize large per-layer errors more than small ones.
+weight = 8 × those bytes / (out × in).
+
+The error of a layer, with calibration, is the growth of the model's loss
+its weight error causes, to second order: Σ_o s_o·‖(W − Ŵ)_o X‖², s the
+layer's output sensitivity (``reparam.sensitivity``, ``LayerStats.weighted_error``).
+Those are in one unit for all layers, so the total is their plain sum. It
+replaced Σ e⁴ of the relative output errors e (the number the report
+prints), which treated every layer as equally important: on MiniLM (the same
+GPTQ fits of affine and shift_add candidates, docs/budget.md) it raised
+fidelity at 3.0 bits per weight from 0.933 to 0.956 and at 3.5 from 0.961
+to 0.975. Without calibration there is no sensitivity: the error is the
+relative weight error e = ‖W − Ŵ‖/‖W‖ and the total Σ e⁴ (large errors
+compound through later layers, so they must cost more than their squares).
 
 ``allocate`` scores every candidate for every layer by a cheap fit
 (``MethodConfig.cheap``, e.g. round-to-nearest instead of GPTQ), solves,
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Generic, Hashable, Mapping, Sequence, TypeVar
+from typing import Generic, Hashable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -48,9 +55,9 @@ from ..progress import progress_bar
 Key = TypeVar("Key", bound=Hashable)
 
 # Budget units of the DP when sizes are large; the rounding loss is at most
-# layers / RESOLUTION of the budget (0.5% for 200 layers).
+# layers / RESOLUTION of the spare budget (0.5% of it for 200 layers).
 RESOLUTION = 40_000
-ERROR_POWER = 4  # the total is Σ e⁴ (see above)
+ERROR_POWER = 4  # without calibration the total is Σ e⁴ of relative weight errors (see above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +76,18 @@ def choose(options: Mapping[str, Sequence[Option]], budget: int, *,
     Raises ``ConfigError`` if even the smallest options exceed the budget.
     """
     names = list(options)
-    smallest = sum(min(o.size for o in options[n]) for n in names)
+    floors = {n: min(o.size for o in options[n]) for n in names}
+    smallest = sum(floors.values())
     if smallest > budget:
         raise ConfigError(f"the size budget {budget:,} is below the smallest choice, {smallest:,}; "
                           "raise the budget or allow smaller candidates")
-    unit = max(1, math.ceil(budget / resolution))
-    cells = budget // unit + 1
+    # The DP runs over the bytes each layer spends above its smallest option,
+    # so the all-smallest choice always fits, however the units round.
+    spare = budget - smallest
+    unit = max(1, math.ceil(spare / resolution))
+    cells = spare // unit + 1
     inf = torch.tensor(float("inf"), dtype=torch.float64)
-    # best[c]: least total error of the layers so far using at most c units.
+    # best[c]: least total error of the layers so far using at most c units above their floors.
     best = torch.zeros(cells, dtype=torch.float64)
     picks = []  # per layer: (cells,) index of the option taken at each capacity
     for name in names:
@@ -84,7 +95,7 @@ def choose(options: Mapping[str, Sequence[Option]], budget: int, *,
         new = torch.full((cells,), float("inf"), dtype=torch.float64)
         pick = torch.zeros(cells, dtype=torch.int16)
         for i, option in enumerate(layer):
-            units = -(-option.size // unit)  # rounded up: the budget is never exceeded
+            units = -(-(option.size - floors[name]) // unit)  # rounded up: the budget is never exceeded
             if units >= cells:
                 continue
             shifted = torch.cat([inf.expand(units), best[:cells - units]]) + option.error
@@ -94,14 +105,11 @@ def choose(options: Mapping[str, Sequence[Option]], budget: int, *,
         best = new
         picks.append((layer, pick))
     capacity = int(torch.argmin(best))
-    if not math.isfinite(float(best[capacity])):
-        raise ConfigError(f"the size budget {budget:,} is too tight for the rounding of the allocator; "
-                          f"raise it slightly (smallest choice {smallest:,})")
     chosen = {}
     for name, (layer, pick) in zip(reversed(names), reversed(picks)):
         option = layer[int(pick[capacity])]
         chosen[name] = option
-        capacity -= -(-option.size // unit)
+        capacity -= -(-(option.size - floors[name]) // unit)
     return {name: chosen[name] for name in names}
 
 
@@ -117,42 +125,67 @@ def _pareto(options: Sequence[Option]) -> list[Option]:
 Layers = Mapping[str, "tuple[nn.Module, LayerStats | None]"]
 
 
-def budget_bytes(layers: Layers, target_bits: float | None, target_bytes: int | None) -> int:
-    """The rule's byte budget: ``target_bytes``, or ``target_bits`` per dense weight of its layers."""
+def budget_bytes(modules: Iterable[nn.Module], target_bits: float | None, target_bytes: int | None) -> int:
+    """A rule's byte budget: ``target_bytes``, or ``target_bits`` per dense weight of its layers."""
     if target_bytes is not None:
         return int(target_bytes)
-    weights = sum(math.prod(linear_shape(module)) for module, _ in layers.values())
+    weights = sum(math.prod(linear_shape(module)) for module in modules)
     return int(target_bits * weights // 8)
 
 
-def allocate(layers: Layers, candidates: Sequence[MethodConfig], budget: int, *, refine: int = 1,
-             progress: bool = False) -> dict[str, MethodConfig]:
-    """The candidate config per layer minimizing the total error within ``budget`` stored bytes.
+class Allocator:
+    """One size budget over a rule's layers, solved in steps, for callers that
+    see the layers' statistics a few at a time (block-by-block conversion):
 
-    ``refine``: how many options on each side of a layer's first choice (on
-    its size/error front) are refitted with their real fit before the final
-    solve; 0 trusts the cheap scores.
+    1. :meth:`score` every layer (cheap fits of every candidate);
+    2. :meth:`solve`; if :attr:`refine`, :meth:`refine_layer` every layer (the
+       options next to its first choice refitted with their real fit) and
+       :meth:`solve` again;
+    3. :attr:`chosen` holds each layer's config.
+
+    ``refine``: options on each side of a layer's first choice (on its
+    size/error front) refitted; 0 trusts the cheap scores.
     """
-    scored: dict[str, list[Option]] = {}
-    for name, (module, stats) in progress_bar(layers.items(), desc="scoring candidates", total=len(layers),
-                                               disable=not progress):
+
+    def __init__(self, candidates: Sequence[MethodConfig], budget: int, *, refine: int = 1):
+        self.candidates, self.budget, self.refine = list(candidates), budget, refine
+        self.scored: dict[str, list[Option]] = {}
+        self.first: dict[str, Option] | None = None  # the first solve's choice, which refinement works around
+        self.chosen: dict[str, MethodConfig] = {}
+
+    def score(self, name: str, module: nn.Module, stats: LayerStats | None) -> None:
         weight = linear_weight(module).detach()  # (out, in), Conv1D's too
-        fits = [c for c in candidates if _fits(c, name, weight)]
+        fits = [c for c in self.candidates if _fits(c, name, weight)]
         if not fits:
             raise ConfigError(f"no candidate applies to layer '{name}' ({tuple(weight.shape)}); "
                               "add candidates that fit its shape")
-        scored[name] = [_score(c, c.cheap(), module, stats) for c in fits]
-    chosen = choose(scored, budget)
-    if refine:
+        self.scored[name] = [_score(c, c.cheap(), module, stats) for c in fits]
+
+    def refine_layer(self, name: str, module: nn.Module, stats: LayerStats | None) -> None:
+        front = _pareto(self.scored[name])
+        at = front.index(self.first[name])
+        near = {id(o) for o in front[max(0, at - self.refine):at + self.refine + 1]}
+        self.scored[name] = [_score(o.key, o.key, module, stats) if id(o) in near and o.key.cheap() != o.key else o
+                             for o in self.scored[name]]
+
+    def solve(self) -> None:
+        chosen = choose(self.scored, self.budget)
+        self.first = chosen if self.first is None else self.first
+        self.chosen = {name: option.key for name, option in chosen.items()}
+
+
+def allocate(layers: Layers, allocator: Allocator, *, progress: bool = False) -> dict[str, MethodConfig]:
+    """Each layer's config from ``allocator``, with every layer's statistics at hand."""
+    for name, (module, stats) in progress_bar(layers.items(), desc="scoring candidates", total=len(layers),
+                                               disable=not progress):
+        allocator.score(name, module, stats)
+    allocator.solve()
+    if allocator.refine:
         for name, (module, stats) in progress_bar(layers.items(), desc="refining", total=len(layers),
                                                    disable=not progress):
-            front = _pareto(scored[name])
-            at = front.index(chosen[name])
-            near = {id(o) for o in front[max(0, at - refine):at + refine + 1]}
-            scored[name] = [_score(o.key, o.key, module, stats)
-                            if id(o) in near and o.key.cheap() != o.key else o for o in scored[name]]
-        chosen = choose(scored, budget)
-    return {name: option.key for name, option in chosen.items()}
+            allocator.refine_layer(name, module, stats)
+        allocator.solve()
+    return allocator.chosen
 
 
 def _fits(config: MethodConfig, name: str, weight: torch.Tensor) -> bool:
@@ -164,9 +197,11 @@ def _fits(config: MethodConfig, name: str, weight: torch.Tensor) -> bool:
 
 
 def _score(config: MethodConfig, fit: MethodConfig, module: nn.Module, stats: LayerStats | None) -> Option:
-    """``config``'s stored weight bytes and its error term e⁴, fitted as ``fit``."""
+    """``config``'s stored weight bytes and its error term (see the module docstring), fitted as ``fit``."""
     new = get_method(fit.method).apply(module, fit, stats)
     weight, approx = linear_weight(module).detach(), new.weight.detach()
+    if stats is not None and stats.sensitivity is not None:
+        return Option(config, weight_nbytes(new), stats.weighted_error(weight, approx))
     if stats is not None:
         error = stats.output_error(weight, approx)
     else:

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .budget import Allocator
     from .stats import LayerStats
 
 
@@ -46,6 +47,14 @@ class MethodConfig:
         """True when statistics are used if calibration data is given."""
         return self.requires_calibration()
 
+    def allocator(self, modules: Mapping[str, nn.Module]) -> Allocator | None:
+        """For a config that spends one size budget over the rule's layers
+        (``modules``, name -> layer): the :class:`~reparam.core.budget.Allocator`
+        its ``resolve`` uses, so that block-by-block conversion can feed it a
+        block at a time and rank the layers by their output sensitivity
+        (``reparam.sensitivity``). None (the default) for every other config."""
+        return None
+
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         """Raise :class:`ConfigError` if this config cannot apply to a layer of this shape."""
 
@@ -58,11 +67,16 @@ class MethodConfig:
         """Per-layer configs for all layers one rule selected, given their statistics.
 
         Called once per rule, after calibration and before any swap, for
-        decisions that span layers (e.g. allocating bits under an average
-        budget). The configs returned are what each module stores and what
-        ``save`` writes, so ``load`` never needs statistics. Default: this config for all.
+        decisions that span layers. The configs returned are what each module
+        stores and what ``save`` writes, so ``load`` never needs statistics.
+        Default: this config for all, or, for a config with an
+        :meth:`allocator`, each layer's choice under its size budget.
         """
-        return {name: self for name in layers}
+        allocator = self.allocator({name: module for name, (module, _) in layers.items()})
+        if allocator is None:
+            return {name: self for name in layers}
+        from .budget import allocate  # core.budget builds on this module
+        return allocate(layers, allocator, progress=progress)
 
     def cheap(self) -> "MethodConfig":
         """A faster variant whose fit ranks like this one's (e.g. round-to-nearest

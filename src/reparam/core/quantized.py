@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from .budget import allocate, budget_bytes
+from .budget import Allocator, budget_bytes
 from .config import ConfigError, MethodConfig, check_choice, check_flag
 from .module import ReparamModule
 from .quantizer import PARAM_DTYPE, Quantizer
@@ -97,16 +97,15 @@ class QuantizedConfig(MethodConfig):
     def uses_calibration(self) -> bool:
         return self.fit != "rtn"
 
+    def allocator(self, modules: Mapping[str, nn.Module]) -> Allocator | None:
+        if self.bits != "auto":
+            return None
+        widths = [self.replace(bits=bits, target_bits=None) for bits in self.BITS]
+        return Allocator(widths, budget_bytes(modules.values(), self.target_bits, None))
+
     def cheap(self) -> "QuantizedConfig":
         # Round-to-nearest ranks widths and groups like the compensated fit, at a fraction of its time.
         return self.replace(fit="rtn")
-
-    def resolve(self, layers: Mapping[str, tuple[nn.Module, LayerStats | None]], *,
-                progress: bool = False) -> dict[str, MethodConfig]:
-        if self.bits != "auto":
-            return super().resolve(layers)
-        widths = [self.replace(bits=bits, target_bits=None) for bits in self.BITS]
-        return allocate(layers, widths, budget_bytes(layers, self.target_bits, None), progress=progress)
 
 
 def default_group_size(in_features: int) -> int:

@@ -22,6 +22,11 @@ class LayerStats:
     gram: torch.Tensor      # (in, in) float64: Σ xᵀx
     abs_sum: torch.Tensor   # (in,) float64: Σ |x|
     count: int = 0          # tokens seen
+    # (out,) float64, per output channel of the layer these statistics are
+    # attached to: how much an error there costs the model's output
+    # (``reparam.sensitivity``). Set only for the allocator of a size budget,
+    # on a per-layer copy (inputs are shared, outputs are not).
+    sensitivity: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, in_features: int) -> "LayerStats":
@@ -73,3 +78,12 @@ class LayerStats:
         err = ((delta @ self.gram) * delta).sum()
         ref = ((weight @ self.gram) * weight).sum()
         return float((err / ref.clamp_min(1e-300)).clamp_min(0).sqrt())
+
+    def weighted_error(self, weight: torch.Tensor, approx: torch.Tensor) -> float:
+        """Σ_o s_o·‖(W − Ŵ)_o X‖²: the growth of the model's loss that the
+        error causes, to second order (needs ``sensitivity`` s; see ``reparam.sensitivity``)."""
+        if self.sensitivity is None:
+            raise ValueError("weighted_error needs the layer's sensitivity; see reparam.sensitivity")
+        delta = weight.detach().to("cpu", torch.float64) - approx.detach().to("cpu", torch.float64)
+        per_row = ((delta @ self.gram) * delta).sum(1).clamp_min(0)  # (out,) ‖(W − Ŵ)_o X‖²
+        return float(per_row @ self.sensitivity)

@@ -18,30 +18,23 @@ from typing import Any, ClassVar, Mapping
 
 from torch import nn
 
-from ..core.budget import allocate, budget_bytes
+from ..core.budget import Allocator, budget_bytes
 from ..core.config import ConfigError, MethodConfig
 from ..core.registry import Method, get_method, parse_config, register
 from ..core.stats import LayerStats
 
-# The default choice. Affine from 2 to 8 bits at the default group and at
-# group 64 (more scales, better at low widths); binary coding (shift_add) at
-# 2 and 3 bits, far better than affine at 2 (MiniLM fidelity 0.872 against
-# 0.562), though its round-to-nearest fit costs nearly as much as its GPTQ
-# fit (1.3–2.5 s against 0.02 s for affine on a 384×1536 layer);
-# quantization plus a low-rank repair (QERA) at a quarter and half a bit of
-# fp16 factors; low-rank factors stored at 4 bits (the only points below 2
-# bits per weight). Left out, but welcome in ``candidates``: factors at 8
-# bits (on the MiniLM layers measured, affine 3-bit had fewer bits and a
-# lower error), plain low_rank and dense_sparse (fp32 factors: 16+ bits per
-# weight at useful quality).
+# The default choice: affine from 2 to 8 bits at the default group and at
+# group 64 (more scales, better at low widths), and binary coding (shift_add)
+# at 2 and 3 bits, far better than affine at 2 (MiniLM fidelity 0.872
+# against 0.562). The composed methods (``qera``, ``quantized_low_rank``) are
+# welcome in ``candidates`` but left out here: with them the choice on
+# MiniLM at 3.0 bits per weight was worse (fidelity 0.938 against 0.956)
+# and took 3.8 times as long (docs/budget.md); their whitened factors fit the
+# calibration inputs more closely than held-out ones.
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     *({"method": "affine", "bits": bits} for bits in (2, 3, 4, 5, 6, 8)),
     *({"method": "affine", "bits": bits, "group_size": 64} for bits in (2, 3, 4)),
     *({"method": "shift_add", "bits": bits} for bits in (2, 3)),
-    *({"method": "qera", "base": {"method": "affine", "bits": bits}, "rank_bits": rank_bits}
-      for bits in (2, 3, 4) for rank_bits in (0.25, 0.5)),
-    *({"method": "quantized_low_rank", "base": {"method": "affine", "bits": 4}, "rank_ratio": ratio}
-      for ratio in (0.25, 0.5)),
 )
 
 
@@ -94,11 +87,9 @@ class AutoConfig(MethodConfig):
     def uses_calibration(self) -> bool:
         return True
 
-    def resolve(self, layers: Mapping[str, tuple[nn.Module, LayerStats | None]], *,
-                progress: bool = False) -> dict[str, MethodConfig]:
-        budget = budget_bytes(layers, self.target_bits, self.target_bytes)
-        chosen = allocate(layers, self.choices(), budget, refine=self.refine, progress=progress)
-        return {name: config.resolve({name: layers[name]})[name] for name, config in chosen.items()}
+    def allocator(self, modules: Mapping[str, nn.Module]) -> Allocator:
+        return Allocator(self.choices(), budget_bytes(modules.values(), self.target_bits, self.target_bytes),
+                         refine=self.refine)
 
 
 def _apply_one(module: nn.Module, config: AutoConfig, stats: LayerStats | None) -> nn.Module:
