@@ -100,7 +100,7 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
                   "sequential_targets='<ModuleList path or block class>'")
         raise ConfigError(f"pipeline={pipeline!r} {reason}, or use pipeline='one_pass'")
     rows: list[LayerReport] = []
-    with ModuleSwaps(model) as swaps, eval_mode(model):
+    with ModuleSwaps(model, spill=True) as swaps, eval_mode(model):
         if blocks:
             batches = list(calib)
             try:
