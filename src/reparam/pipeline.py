@@ -31,6 +31,7 @@ from .core.config import ConfigError
 from .core.module import linear_shape, linear_weight, state_nbytes, state_numel
 from .core.stats import LayerStats
 from .distributed import Collective, fitting_cost, step
+from .heap import release_free_memory
 from .progress import progress_bar
 from .report import LayerReport
 from .swap import ModuleSwaps
@@ -312,6 +313,7 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
             # Owned layers are measured now, so their statistics can go; the others once their tensors arrive.
             error = _output_error(layer_stats, original, new) if mine else None
             done.append((item, new, owner, error, None if mine else (layer_stats, original), before))
+            release_free_memory()  # the fit's temporaries and the spilled original, not kept by glibc's heap
         return done
 
     for item, new, owner, error, deferred, (numel, nbytes) in step(collective, fit_mine):
