@@ -32,6 +32,11 @@ class Spilled:
     tensors: list[torch.Tensor]  # the same objects the module holds (Parameters keep their identity)
     shapes: list[torch.Size]
 
+    def free(self) -> None:
+        """Empty the tensors in memory (their values are in ``path``)."""
+        for tensor in self.tensors:
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
     def load(self) -> None:
         """Put the values back into the same tensor objects, bit for bit."""
         values = load_file(self.path)
@@ -57,8 +62,10 @@ class Spill:
         self._count = 0
         self._failed = False
 
-    def offload(self, module: nn.Module, keep: set[int]) -> Spilled | None:
-        """Write ``module``'s tensors to disk and free them in memory; None if nothing was spilled.
+    def write(self, module: nn.Module, keep: set[int]) -> Spilled | None:
+        """Write ``module``'s tensors to a new file; None if there is nothing to spill.
+        The caller records the result, then calls its ``free``: so that an
+        interruption in between never loses a value.
 
         Only tensors that own their whole storage, share it with no other tensor
         of ``module``, and whose storage is not in ``keep`` (storages other live
@@ -82,10 +89,7 @@ class Spill:
                           "in memory until the conversion ends. Set TMPDIR to a writable folder with room for "
                           "the converted layers' original size to lower peak memory")
             return None
-        spilled = Spilled(path, tensors, [t.shape for t in tensors])
-        for tensor in tensors:
-            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        return spilled
+        return Spilled(path, tensors, [t.shape for t in tensors])
 
     def close(self) -> None:
         """Delete the folder and every file in it."""

@@ -67,7 +67,9 @@ class ModuleSwaps:
         if new is not old and self._spill is not None:
             # Storages still in use: the model's (``new`` may reuse a bias) and earlier originals'.
             keep = storages(self.model).union(*(storages(s.old) for s in self._done if s.old is not old))
-            self._done[-1].spilled = self._spill.offload(old, keep)
+            spilled = self._done[-1].spilled = self._spill.write(old, keep)
+            if spilled is not None:
+                spilled.free()  # only once undo knows where the values are
         return new
 
     def undo(self) -> None:
