@@ -112,6 +112,8 @@ def test_failure_restores_spilled_and_shared_tensors_exactly(monkeypatch, temp_d
     assert emptied == ["blocks.0.down.bias", "blocks.0.down.weight", "blocks.0.up.weight", "blocks.1.down.weight",
                        "blocks.1.up.bias"]
     assert_restored(model, before, modules)
+    # Restored values live in torch's own memory, not in a mapping of the deleted file.
+    assert all(t.untyped_storage().resizable() for t in model.parameters())
     assert model.blocks[0].up.bias is model.blocks[2].up.bias and model.blocks[1].down.bias is model.extra_bias
     up1, up2 = model.blocks[1].up.weight, model.blocks[2].up.weight
     assert up1.untyped_storage().data_ptr() == up2.untyped_storage().data_ptr()  # still views of one tensor

@@ -45,7 +45,7 @@ class Spilled:
             if value.shape != shape or value.dtype != tensor.dtype:
                 raise RuntimeError(f"{self.path} holds tensor {i} as {value.dtype} {tuple(value.shape)}, "
                                    f"expected {tensor.dtype} {tuple(shape)}")
-            tensor.data = value.to(tensor.device)
+            tensor.data = value.to(tensor.device, copy=True)  # owned memory: ``value`` maps the file, deleted next
 
 
 class Spill:
