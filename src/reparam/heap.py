@@ -4,9 +4,9 @@ glibc keeps most freed blocks in its heap instead of returning them: during
 a sequential conversion the fits' temporaries and the spilled originals
 pile up there, and the process's resident memory keeps growing although
 little of it is in use. ``malloc_trim(0)`` returns the free pages. On SmolLM2
-(low_rank 0.8, first 8 blocks, with spilling) the process ended 248 MiB
-above its loaded size without trimming and 23 MiB above with it
-(docs/llm.md, "Memory").
+(low_rank 0.8, first 8 blocks, with spilling) the process peaked 284 MiB and
+ended 248 MiB above its loaded size without trimming, and 194 / 24 MiB with
+a trim after each layer (docs/llm.md, "Memory").
 """
 from __future__ import annotations
 
