@@ -26,7 +26,7 @@ SPILLABLE_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16,
 
 @dataclasses.dataclass
 class Spilled:
-    """Tensors of one module emptied in memory, their values in ``path``."""
+    """Tensors of one module whose values are in ``path`` (emptied in memory by ``free``)."""
 
     path: str
     tensors: list[torch.Tensor]  # the same objects the module holds (Parameters keep their identity)
