@@ -82,7 +82,7 @@ class ModuleSwaps:
         try:
             for swap in reversed(self._done):
                 if swap.new is swap.old:
-                    if swap.saved is not None:  # else an alias of a module changed in place: undone under its first name
+                    if swap.saved is not None:  # None: an alias of an in-place change, undone under its first name
                         _restore_in_place(swap.old, swap.method, swap.saved)
                     continue
                 _set_submodule(self.model, swap.name, swap.old)
