@@ -147,8 +147,8 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
              f"'dense' is that model); all 210 block Linear layers; {args.calib} calibration and "
              f"{args.windows} evaluation windows of 256 tokens; {args.threads} torch thread(s); peak RSS "
              "sampled during the conversion (peak_over_loaded: relative to the process after loading the model; "
-             "the original layers are kept until the conversion succeeds, so it includes the compressed "
-             "layers); size is the converted layers' bytes relative to fp32.")
+             "the replaced layers' originals wait in a temporary file, not in memory, until the conversion "
+             "succeeds); size is the converted layers' bytes relative to fp32.")
     write_results(args.out, table, command, notes)
 
 

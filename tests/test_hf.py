@@ -217,6 +217,30 @@ def test_reparam_save_and_load_keep_working_on_transformers_models(saved_llama, 
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()), logits(model))
 
 
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_reparam_load_reads_a_save_pretrained_folder(saved_llama, tmp_path, shard):
+    model, folder, _ = saved_llama
+    if shard is not None:
+        model.save_pretrained(tmp_path, max_shard_size=shard)
+        folder = tmp_path
+    fresh = reparam.load(tiny_llama(), folder)
+    assert torch.equal(logits(fresh), logits(model))
+    assert converted_types(fresh) == converted_types(model)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # not in the files: tied, filled from the embedding
+
+
+def test_reparam_load_of_a_folder_that_is_not_a_converted_model_says_so(saved_llama, tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    fresh = tiny_llama()
+    with pytest.raises(reparam.FileFormatError, match=r"config.json has no reparam quantization_config: the folder "
+                                                       r"was not saved from a converted model"):
+        reparam.load(fresh, tmp_path)
+    _, folder, _ = saved_llama
+    with pytest.raises(reparam.FileFormatError, match="for a file written by save_pretrained, pass its folder"):
+        reparam.load(fresh, folder / "model.safetensors")
+    assert not reparam.converted_modules(fresh)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"format_version": reparam.io.FORMAT_VERSION + 1}, "is newer than this reparam's"),
     ({"modules": {"lm_head": {"method": "nope"}}}, "unknown method 'nope'"),

@@ -88,7 +88,8 @@ def read_recipe(metadata: Mapping[str, str], path: str) -> dict[str, MethodConfi
     """The format version, checked, and ``{module name: config}`` from the metadata."""
     version = metadata.get("reparam.format")
     if version is None:
-        raise FileFormatError(f"{path} was not written by reparam.save (no 'reparam.format' metadata)")
+        raise FileFormatError(f"{path} was not written by reparam.save (no 'reparam.format' metadata); "
+                              "for a file written by save_pretrained, pass its folder")
     if not re.fullmatch(r"[1-9][0-9]{0,8}", version):
         raise _damaged(path, f"format version {version!r} is not a positive integer")
     if int(version) > FORMAT_VERSION:

@@ -32,6 +32,7 @@ from .core.config import MethodConfig
 from .core.registry import get_method, module_config
 from .file_checks import (CHECKSUM_KEY, FORMAT_VERSION, FileFormatError, check_checksum, check_model, check_state,
                           check_targets, check_values, read_aliases, read_recipe)
+from .pretrained_folder import read_folder
 from .swap import ModuleSwaps
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "converted_modules", "load", "save"]
@@ -90,6 +91,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the converted modules of a freshly built ``model`` from the
     file's recipe, then load every tensor.
 
+    ``path``: a file written by :func:`save`, or a folder written by a
+    converted transformers model's ``save_pretrained`` (recipe from its
+    ``config.json``, tensors from its safetensors file or shards).
+
     ``model`` may be on CPU, on an accelerator, or built with
     ``accelerate.init_empty_weights()`` (parameters on the meta device,
     buffers real). Nothing is refitted: loaded outputs equal the saved
@@ -100,6 +105,21 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = os.fspath(path)
     check_model(model)
+    modules, state = read_folder(model, path) if os.path.isdir(path) else _read_file(model, path)
+    with ModuleSwaps(model) as swaps:
+        for name, config in modules.items():
+            method = get_method(config.method)
+            swaps.swap(name, method, lambda old: method.restore(old, config))
+        check_state(model, state, path)
+        check_values(model, modules, state, path)
+        on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
+        model.load_state_dict(_matching_devices(model, state), strict=True, assign=on_meta)
+    integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
+    return model
+
+
+def _read_file(model: nn.Module, path: str) -> tuple[dict[str, MethodConfig], dict[str, torch.Tensor]]:
+    """The recipe and every tensor of a file written by ``save``, checked against ``model``."""
     try:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
@@ -112,16 +132,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except SafetensorError as err:
         raise FileFormatError(f"{path} is not a readable safetensors file (damaged or truncated?): {err}") from err
     state.update({key: state[kept] for key, kept in aliases.items()})
-    with ModuleSwaps(model) as swaps:
-        for name, config in modules.items():
-            method = get_method(config.method)
-            swaps.swap(name, method, lambda old: method.restore(old, config))
-        check_state(model, state, path)
-        check_values(model, modules, state, path)
-        on_meta = any(t.device.type == "meta" for t in model.state_dict().values())
-        model.load_state_dict(_matching_devices(model, state), strict=True, assign=on_meta)
-    integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
-    return model
+    return modules, state
 
 
 def _matching_devices(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from .core.module import linear_shape, linear_weight, state_nbytes, state_numel
 from .core.registry import get_method
 from .core.stats import LayerStats
 from .distributed import Collective, fitting_cost, step
+from .heap import release_free_memory
 from .progress import progress_bar
 from .report import LayerReport
 from .sensitivity import collect_sensitivity
@@ -111,7 +112,7 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
             collective.average(sensitivity)
         resolve = _with_sensitivity(resolve, sensitivity)
     rows: list[LayerReport] = []
-    with ModuleSwaps(model) as swaps, eval_mode(model):
+    with ModuleSwaps(model, spill=True) as swaps, eval_mode(model):
         if blocks:
             batches = list(calib)
             try:
@@ -392,6 +393,7 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
             # Owned layers are measured now, so their statistics can go; the others once their tensors arrive.
             error = _output_error(layer_stats, original, new) if mine else None
             done.append((item, new, owner, error, None if mine else (layer_stats, original), before))
+            release_free_memory()  # the fit's temporaries and the spilled original, not kept by glibc's heap
         return done
 
     for item, new, owner, error, deferred, (numel, nbytes) in step(collective, fit_mine):
