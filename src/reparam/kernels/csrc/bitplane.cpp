@@ -438,31 +438,36 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
   }
   const int isa = active_isa();
   const int64_t block_bytes = std::min(kDecodeBlockBytes, w.nbytes);
-  float* tile = scratch(tile_buffer, block_bytes * 8 * kDecodeTile);
   // A float32 output takes each tile's GEMMs in place (the bias as its initial value); other dtypes go through a
   // float32 tile and one rounding.
   const bool in_place = y.scalar_type() == at::kFloat;
-  float* tile_out = in_place ? nullptr : scratch(tile_out_buffer, tokens * kDecodeTile);
   const at::Tensor bias_f = bias_ptr ? at::from_blob(const_cast<float*>(bias_ptr), {w.out}, as_float) : at::Tensor();
   at::Tensor y2 = y.view({tokens, w.out});
-  for (int64_t o0 = 0; o0 < w.out; o0 += kDecodeTile) {
-    const int64_t n = std::min(kDecodeTile, w.out - o0);
-    at::Tensor dst = y2.narrow(1, o0, n);
-    at::Tensor result = in_place ? dst : at::from_blob(tile_out, {tokens, n}, as_float);
-    for (int64_t k0 = 0; k0 < w.nbytes; k0 += block_bytes) {
-      const int64_t k1 = std::min(k0 + block_bytes, w.nbytes);
-      at::parallel_for(k0, k1, 16, [&](int64_t b0, int64_t b1) { decode_rows(isa, w, o0, n, k0, b0, b1, tile); });
-      const at::Tensor weight = at::from_blob(tile, {(k1 - k0) * 8, n}, as_float);
-      const at::Tensor inputs = xf.narrow(1, k0 * 8, (k1 - k0) * 8);
-      if (k0 > 0)
-        result.addmm_(inputs, weight);
-      else if (bias_f.defined())
-        at::addmm_out(result, bias_f.narrow(0, o0, n), inputs, weight);
-      else
-        at::mm_out(result, inputs, weight);
+  // One parallel region: each thread decodes and multiplies whole output tiles of its own (its GEMMs run on one
+  // thread inside the region). A region per tile would join 100+ times a call, and on a loaded machine every
+  // join waits for a descheduled thread.
+  at::parallel_for(0, (w.out + kDecodeTile - 1) / kDecodeTile, 1, [&](int64_t first, int64_t last) {
+    float* tile = scratch(tile_buffer, block_bytes * 8 * kDecodeTile);
+    float* tile_out = in_place ? nullptr : scratch(tile_out_buffer, tokens * kDecodeTile);
+    for (int64_t o0 = first * kDecodeTile; o0 < std::min(last * kDecodeTile, w.out); o0 += kDecodeTile) {
+      const int64_t n = std::min(kDecodeTile, w.out - o0);
+      at::Tensor dst = y2.narrow(1, o0, n);
+      at::Tensor result = in_place ? dst : at::from_blob(tile_out, {tokens, n}, as_float);
+      for (int64_t k0 = 0; k0 < w.nbytes; k0 += block_bytes) {
+        const int64_t k1 = std::min(k0 + block_bytes, w.nbytes);
+        decode_rows(isa, w, o0, n, k0, k0, k1, tile);
+        const at::Tensor weight = at::from_blob(tile, {(k1 - k0) * 8, n}, as_float);
+        const at::Tensor inputs = xf.narrow(1, k0 * 8, (k1 - k0) * 8);
+        if (k0 > 0)
+          result.addmm_(inputs, weight);
+        else if (bias_f.defined())
+          at::addmm_out(result, bias_f.narrow(0, o0, n), inputs, weight);
+        else
+          at::mm_out(result, inputs, weight);
+      }
+      if (!in_place) dst.copy_(result);
     }
-    if (!in_place) dst.copy_(result);
-  }
+  });
   return y;
 }
 
