@@ -100,6 +100,10 @@ def main() -> None:
     if compiled_ops() is None:
         raise SystemExit("the compiled kernels are unavailable: this benchmark measures them")
     torch.manual_seed(0)
+    command = (f"python benchmarks/bench_decode.py --threads {' '.join(map(str, args.threads))} "
+               f"--new-tokens {args.new_tokens} --rounds {args.rounds}")
+    notes = ("Random shift_add contents: speed only. SmolLM2 was stored as Q4_1 in its GGUF and is dequantized to "
+             "fp32 on load; the dense arm runs those fp32 weights.")
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -107,11 +111,9 @@ def main() -> None:
                     smollm2_row(args.rounds, args.new_tokens, ("model.layers.", "lm_head"))):
             rows.append({"threads": threads, **row})
             print(rows[-1], flush=True)
-    command = (f"python benchmarks/bench_decode.py --threads {' '.join(map(str, args.threads))} "
-               f"--new-tokens {args.new_tokens} --rounds {args.rounds}")
-    notes = ("Random shift_add contents: speed only. SmolLM2 was stored as Q4_1 in its GGUF and is dequantized to "
-             "fp32 on load; the dense arm runs those fp32 weights.")
-    print(write_results("decode", rows, command, notes))
+        # written after each thread count, so a run stopped during a slow 2-thread pass keeps what it measured
+        table = write_results("decode", rows, command, notes)
+    print(table)
 
 
 if __name__ == "__main__":

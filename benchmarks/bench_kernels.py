@@ -148,8 +148,8 @@ def main() -> None:
         int4_rows.append({"threads": threads, **int4pack_speedup(1, rounds)})
         print(int4_rows[-1], flush=True)
         crossover_rows += [{"threads": threads, **row}
-                           for row in crossover(4096, 4096, (1, 4, 8, 16, 32), rounds)
-                           + crossover(576, 1536, (1, 4, 8, 16, 32), rounds)]
+                           for row in crossover(4096, 4096, (1, 4, 8, 12, 16, 32), rounds)
+                           + crossover(576, 1536, (1, 4, 8, 12, 16, 32), rounds)]
     notes = ("Random layer contents (speed only). Speedup = dense fp32 nn.Linear time / layer time, "
              "interleaved, medians.\n\n## torch int4 (_weight_int4pack_mm_for_cpu) vs bit-plane, affine 4-bit "
              "4096², 1 token\n\n" + markdown(int4_rows) + "\n\n## Compiled LUT vs decode-and-GEMM (shift_add "

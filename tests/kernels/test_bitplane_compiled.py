@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reparam.kernels.bitplane import bitplane_linear, bitplane_reference
-from reparam.kernels.extension import compiled_ops
+from reparam.kernels.bitplane import LUT_MAX_TOKENS, bitplane_linear, bitplane_reference
+from reparam.kernels.extension import compiled_entry, compiled_ops
 
 ops = compiled_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="the C++ extension could not be built here")
@@ -61,6 +61,44 @@ def test_dispatch_matches_reference_on_batched_shapes(tokens, random_layer):
     assert_close_to_reference(result, x, planes, coef, offset, 32, b)
 
 
+@pytest.mark.parametrize("dtype, bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)],
+                         ids=str)
+def test_decode_mm_over_several_input_blocks(isa, dtype, bias, random_layer):
+    # 1100 inputs: two 1024-column blocks accumulated by the GEMM (the second 96 wide); 130 outputs: a full and a
+    # 2-wide output tile; float32 outputs take the GEMM in place, others through a float tile
+    planes, coef, offset, b = random_layer(130, 1100, 3, 32)
+    x = torch.randn(20, 1100).to(dtype)
+    b = b if bias else None
+    assert_close_to_reference(ops.bitplane_decode_mm(x, planes, coef, offset, 32, b), x, planes, coef, offset, 32, b)
+
+
+@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
+def test_no_tokens_give_an_empty_output(op, random_layer):
+    planes, coef, offset, b = random_layer(40, 64, 3, 32)
+    assert getattr(ops, op)(torch.randn(0, 64), planes, coef, offset, 32, b).shape == (0, 40)
+
+
+@pytest.mark.parametrize("tokens", [1, LUT_MAX_TOKENS, LUT_MAX_TOKENS + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_eager_entry_picks_the_op_by_tokens(tokens, dtype, random_layer):
+    planes, coef, offset, b = random_layer(70, 96, 3, 32)
+    x = torch.randn(tokens, 96).to(dtype)
+    op = ops.bitplane_lut if tokens <= LUT_MAX_TOKENS else ops.bitplane_decode_mm
+    result = compiled_entry().bitplane_linear(x, planes, coef, offset, 32, b, LUT_MAX_TOKENS)
+    torch.testing.assert_close(result, op(x, planes, coef, offset, 32, b), rtol=0, atol=0)
+
+
+def test_eager_entry_records_autograd_only_when_needed(random_layer):
+    planes, coef, offset, b = random_layer(70, 96, 3, 32)
+    x = torch.randn(2, 96, requires_grad=True)
+    entry = compiled_entry().bitplane_linear
+    assert entry(x, planes, coef, offset, 32, b, LUT_MAX_TOKENS).grad_fn is not None
+    assert entry(x.detach(), planes, coef, offset, 32, b.requires_grad_(), LUT_MAX_TOKENS).grad_fn is not None
+    assert entry(x.detach(), planes, coef, offset, 32, b.detach(), LUT_MAX_TOKENS).grad_fn is None
+    with torch.no_grad():
+        assert entry(x, planes, coef, offset, 32, b.requires_grad_(), LUT_MAX_TOKENS).grad_fn is None
+
+
 @pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
 def test_coefficients_in_any_strides(isa, op, random_layer):
     planes, coef, offset, b = random_layer(130, 200, 3, 64)
@@ -77,15 +115,16 @@ def test_wrong_coefficient_shape_is_refused(random_layer):
         ops.bitplane_lut(torch.randn(1, 64), planes, coef.transpose(1, 2), offset, 32, b)
 
 
-def shift_add_layer(in_features=96, out_features=70):
+def shift_add_layer(in_features=96, out_features=70, bias=True):
     """A shift_add layer with random planes and scales (a fit is not what is tested here)."""
     from reparam.methods.shift_add import ShiftAddConfig, ShiftAddLinear
 
-    layer = ShiftAddLinear(in_features, out_features, True, ShiftAddConfig(bits=3, group_size=32))
+    layer = ShiftAddLinear(in_features, out_features, bias, ShiftAddConfig(bits=3, group_size=32))
     with torch.no_grad():
         layer.planes.copy_(torch.randint(0, 256, layer.planes.shape, dtype=torch.uint8))
         layer.params.copy_(torch.rand(layer.params.shape) * 0.1)
-        layer.bias.normal_()
+        if bias:
+            layer.bias.normal_()
     return layer
 
 
@@ -96,6 +135,15 @@ def test_layer_forward_follows_its_params():
         torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
         layer.params.mul_(2)  # an in-place change must not leave a stale cached linear form
         torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
+        layer.params = layer.params * 0.5  # nor a new tensor
+        torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_without_bias():
+    layer = shift_add_layer(bias=False)
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.materialize().T, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_through_the_compiled_op_match_the_dense_layer():

@@ -40,7 +40,7 @@ except ImportError:  # the kernel is optional: CPU paths need only torch
     triton = None
 
 from ..core.bitpack import from_planes, to_planes
-from .extension import cpu_kernels_for
+from .extension import compiled_entry, compiled_ops
 
 LUT_MAX_TOKENS = 16
 TORCH_LUT_MAX_TOKENS = 16  # the torch fallback's crossover (benchmarks/bench_shift_add.py)
@@ -128,15 +128,18 @@ def register_compiled_ops() -> None:
 
 def bitplane_linear(x, planes, coef, offset, group_size, bias=None):
     """The forward of a bit-plane layer on any device; ``coef`` and ``offset`` float32."""
-    tokens = x.numel() // x.shape[-1]
-    if x.is_cuda and triton is not None:
-        kernel = bitplane_gemv if tokens <= GEMV_MAX_TOKENS else bitplane_triton
+    if x.is_cpu:
+        entry = compiled_entry()
+        if entry is not None and not torch.compiler.is_compiling():  # eager: one call into csrc/python_entry.cpp
+            return entry.bitplane_linear(x, planes, coef, offset, group_size, bias, LUT_MAX_TOKENS)
+    elif x.is_cuda and triton is not None:
+        kernel = bitplane_gemv if x.numel() // x.shape[-1] <= GEMV_MAX_TOKENS else bitplane_triton
         return kernel(x, planes, coef, offset, group_size, bias)
-    compiled = cpu_kernels_for(x)
-    if compiled is not None:  # coef and offset in any strides; outputs contiguous is fastest
-        kernel = compiled.bitplane_lut if tokens <= LUT_MAX_TOKENS else compiled.bitplane_decode_mm
+    if x.is_cpu and compiled_entry() is not None:  # coef and offset in any strides; outputs contiguous is fastest
+        ops = compiled_ops()  # traced: the registered ops, single graph nodes
+        kernel = ops.bitplane_lut if x.numel() // x.shape[-1] <= LUT_MAX_TOKENS else ops.bitplane_decode_mm
         return kernel(x, planes, coef, offset, group_size, bias)
-    if tokens <= TORCH_LUT_MAX_TOKENS:
+    if x.numel() // x.shape[-1] <= TORCH_LUT_MAX_TOKENS:
         return bitplane_lut(x, planes, coef, offset, group_size, bias)
     return bitplane_reference(x, planes, coef, offset, group_size, bias)
 

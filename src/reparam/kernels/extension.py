@@ -2,9 +2,13 @@
 
 ``compiled_ops()`` compiles the sources once per machine with
 ``torch.utils.cpp_extension`` (the C++ compiler and ninja; the build is cached
-in torch's extension directory, ~40 s the first time, instant after) and
-returns ``torch.ops.reparam_cpu``. Where the build is impossible it returns
-None after one warning, and layers keep running their torch paths.
+in torch's extension directory as ``reparam_kernels``, 1–2 minutes the first
+time, instant after) and returns ``torch.ops.reparam_cpu``. Where the build is
+impossible it returns None after one warning, and layers keep running their
+torch paths. ``compiled_entry()`` is the same build's Python module, whose
+``bitplane_linear`` is the eager fast path (``csrc/python_entry.cpp``: the
+kernels without the op dispatcher's per-call cost when autograd records
+nothing).
 
 The ops (CPU tensors; each also has a shape-only "fake" kernel so that
 ``torch.compile`` and ``torch.export`` trace through them as single nodes,
@@ -27,22 +31,30 @@ SOURCES = sorted(str(path) for path in (Path(__file__).parent / "csrc").glob("*.
 HOW_TO_GET_IT = ("install a C++ compiler and ninja (e.g. `apt install g++` and `pip install ninja`), "
                  "then restart Python")
 
-_LOADED: dict[str, object] = {}  # "ops": the namespace, or None once the build failed
+_LOADED: dict[str, object] = {}  # "ops": the namespace, "entry": the module; None once the build failed
 
 
 def compiled_ops():
     """``torch.ops.reparam_cpu``, or None (warning once) when the kernels cannot be built."""
     if "ops" not in _LOADED:
-        _LOADED["ops"] = _build()
+        _LOADED["entry"] = _build()
+        _LOADED["ops"] = None if _LOADED["entry"] is None else torch.ops.reparam_cpu
     return _LOADED["ops"]
+
+
+def compiled_entry():
+    """The compiled Python module (``bitplane_linear``, the eager fast path), or None like ``compiled_ops``."""
+    if "ops" not in _LOADED:
+        compiled_ops()
+    return _LOADED["entry"]
 
 
 def _build():
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="reparam_cpu", sources=SOURCES, is_python_module=False,
-                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        module = cpp_extension.load(name="reparam_kernels", sources=SOURCES, is_python_module=True,
+                                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except (ImportError, OSError, RuntimeError) as error:  # no compiler, no ninja, or a failed build
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(f"reparam: the compiled CPU kernels are unavailable ({reason}); compressed layers run "
@@ -53,9 +65,9 @@ def _build():
 
     bitplane.register_compiled_ops()
     dense_sparse.register_compiled_ops()
-    return torch.ops.reparam_cpu
+    return module
 
 
 def cpu_kernels_for(x: torch.Tensor):
     """The compiled ops when ``x`` is a CPU tensor and they could be built; else None."""
-    return compiled_ops() if x.device.type == "cpu" else None
+    return compiled_ops() if x.is_cpu else None

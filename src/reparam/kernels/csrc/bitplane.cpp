@@ -14,8 +14,9 @@
 // scaled by coef once per (plane, group, output): outputs equal the torch
 // reference up to float summation order.
 //
-// bitplane_decode_mm (many tokens): W is decoded tile by tile (128 outputs)
-// into a reused buffer, transposed (in, 128), and multiplied by MKL's GEMM.
+// bitplane_decode_mm (many tokens): W is decoded tile by tile (1024 inputs ×
+// 128 outputs, 512 KB: written and read back within L2) into a reused buffer,
+// transposed, and multiplied by MKL's GEMM, accumulating over the input blocks.
 //
 // Scratch (tables, tiles, partial sums) lives in thread_local buffers that
 // grow to the largest layer seen and are reused: a call allocates its output
@@ -24,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bitplane.h"
 #include "scratch.h"
 
 #include <algorithm>
@@ -42,7 +44,8 @@ namespace {
 
 constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
 constexpr int64_t kTokensPerPass = 4;  // token tables held in registers at once
-constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile: (in, 128) floats stay in L2
+constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile
+constexpr int64_t kDecodeBlockBytes = 128;  // plane bytes per tile: a (1024, 128) float tile, 512 KB, stays in L2
 constexpr int64_t kMaxBits = 8;
 
 std::atomic<int> isa_limit{kIsaAvx512};
@@ -271,36 +274,58 @@ void lut_range(int isa, const Lut& lut, int64_t block, int64_t o0, int64_t o1, i
   }
 }
 
-// y[t, o] = acc[t, o] + Σ_g offset[o, g]·xsum[t, g] + bias[o], in the output's dtype.
+// y[t, o] = acc[t, o] + bias[o] + Σ_g offset[o, g]·xsum[t, g], in the output's dtype; acc is overwritten.
 template <typename scalar_t>
-void finish_block(const Layer& w, const float* acc, int64_t ld, const float* xsum, const float* bias, int64_t o0,
+void finish_block(const Layer& w, float* acc, int64_t ld, const float* xsum, const float* bias, int64_t o0,
                   int64_t n, int64_t tokens, scalar_t* y) {
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t o = o0; o < o0 + n; ++o) {
-      float value = acc[t * ld + o - o0] + (bias ? bias[o] : 0.f);
-      for (int64_t g = 0; g < w.groups; ++g) value += w.offset_at(o, g) * xsum[t * w.groups + g];
-      y[t * w.out + o] = static_cast<scalar_t>(value);
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* __restrict__ row = acc + t * ld;
+    if (bias)
+      for (int64_t o = 0; o < n; ++o) row[o] += bias[o0 + o];
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const float s = xsum[t * w.groups + g];
+      const float* __restrict__ offset = w.offset + g * w.offset_stride_g + o0 * w.offset_stride_o;
+      if (w.offset_stride_o == 1)  // the layout QuantizedLinear caches: this loop vectorizes
+        for (int64_t o = 0; o < n; ++o) row[o] += offset[o] * s;
+      else
+        for (int64_t o = 0; o < n; ++o) row[o] += offset[o * w.offset_stride_o] * s;
     }
+    scalar_t* __restrict__ dst = y + t * w.out + o0;
+    for (int64_t o = 0; o < n; ++o) dst[o] = static_cast<scalar_t>(row[o]);
+  }
 }
 
-at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t out) {
-  if (!bias.has_value()) return at::Tensor();
+// The bias as float32: its own data when it already is (no op, no copy), else a converted copy kept in `owner`.
+const float* float_bias(const c10::optional<at::Tensor>& bias, int64_t out, at::Tensor& owner) {
+  if (!bias.has_value()) return nullptr;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "reparam: bias must have ", out, " elements, got ",
               bias->sizes());
-  return bias->to(at::kFloat).contiguous();  // no copy for the usual float32 bias
+  if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return bias->data_ptr<float>();
+  owner = bias->to(at::kFloat).contiguous();
+  return owner.data_ptr<float>();
+}
+
+// x as a contiguous (tokens, in) block: x itself when it already is (the usual case: no op runs).
+at::Tensor contiguous_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "reparam: the input needs a last dimension of features, got ",
+              x.sizes());
+  return x.is_contiguous() ? x : x.contiguous();
 }
 
 thread_local std::vector<float> tables_buffer, xsum_buffer, acc_buffer, tile_buffer, tile_out_buffer, input_buffer;
+
+}  // namespace
 
 at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
                         const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   const int64_t in = x.size(-1);
   const Layer w = layer_of(planes, coef, offset, group_size, in);
-  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
-  const int64_t tokens = x2.size(0), quads = w.nbytes * 2;
-  const at::Tensor bias_f = float_bias(bias, w.out);
-  const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const at::Tensor x2 = contiguous_rows(x);
+  const int64_t tokens = x2.numel() / in, quads = w.nbytes * 2;
+  at::Tensor bias_owner;
+  const float* bias_ptr = float_bias(bias, w.out, bias_owner);
   at::Tensor y = output_for(x, w.out);
+  if (tokens == 0) return y;
   float* tables = scratch(tables_buffer, tokens * quads * 16);
   float* xsum = scratch(xsum_buffer, tokens * w.groups);
   const int isa = active_isa();
@@ -313,16 +338,20 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
     build_tables<scalar_t>(x2.data_ptr<scalar_t>(), tokens, in, quads, group_size, tables, xsum);
     const Lut lut{w, tables, quads};
     scalar_t* out = y.data_ptr<scalar_t>();
-    at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
+    const auto run = [&](int64_t first, int64_t last) {
       const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
       float* acc = scratch(acc_buffer, tokens * (o1 - o0));
       std::fill(acc, acc + tokens * (o1 - o0), 0.f);
       lut_range(isa, lut, block, o0, o1, tokens, acc);
       finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, tokens, out);
-    });
+    };
+    if (blocks <= grain) run(0, blocks);  // one thread's work: no parallel region at all
+    else at::parallel_for(0, blocks, grain, run);
   });
   return y;
 }
+
+namespace {
 
 // A group's coefficients and offsets for outputs [o0, o0 + n), contiguous so the decode loops vectorize.
 struct GroupScales {
@@ -335,13 +364,14 @@ struct GroupScales {
   }
 };
 
-// Columns [b0·8, b1·8) of the transposed tile: tile[j, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs.
-void decode_rows_scalar(const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* __restrict__ tile) {
+// Columns [b0·8, b1·8) of the transposed tile: tile[j - base·8, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs.
+void decode_rows_scalar(const Layer& w, int64_t o0, int64_t n, int64_t base, int64_t b0, int64_t b1,
+                        float* __restrict__ tile) {
   GroupScales scales;
   for (int64_t b = b0; b < b1; ++b) {
     if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
     for (int k = 0; k < 8; ++k) {
-      float* __restrict__ dst = tile + (b * 8 + k) * n;
+      float* __restrict__ dst = tile + ((b - base) * 8 + k) * n;
       for (int64_t o = 0; o < n; ++o) dst[o] = scales.offset[o];
       for (int64_t i = 0; i < w.bits; ++i) {
         const uint8_t* __restrict__ row = w.planes + (i * w.nbytes + b) * w.out + o0;
@@ -354,8 +384,8 @@ void decode_rows_scalar(const Layer& w, int64_t o0, int64_t n, int64_t b0, int64
 #ifdef REPARAM_X86
 // The same with n a multiple of 16: the 8 columns of a plane byte are 8 registers of 16 outputs, each adding
 // the plane's coefficient under the mask of its bit.
-__attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64_t o0, int64_t n, int64_t b0,
-                                                           int64_t b1, float* __restrict__ tile) {
+__attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64_t o0, int64_t n, int64_t base,
+                                                           int64_t b0, int64_t b1, float* __restrict__ tile) {
   GroupScales scales;
   for (int64_t b = b0; b < b1; ++b) {
     if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
@@ -370,28 +400,32 @@ __attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64
           columns[k] = _mm512_mask_add_ps(columns[k], _mm512_test_epi32_mask(bytes, _mm512_set1_epi32(1 << k)),
                                           columns[k], c);
       }
-      for (int k = 0; k < 8; ++k) _mm512_storeu_ps(tile + (b * 8 + k) * n + p, columns[k]);
+      for (int k = 0; k < 8; ++k) _mm512_storeu_ps(tile + ((b - base) * 8 + k) * n + p, columns[k]);
     }
   }
 }
 #endif
 
-void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t b0, int64_t b1, float* tile) {
+void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t base, int64_t b0, int64_t b1, float* tile) {
 #ifdef REPARAM_X86
-  if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, b0, b1, tile);
+  if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, base, b0, b1, tile);
 #endif
-  decode_rows_scalar(w, o0, n, b0, b1, tile);
+  decode_rows_scalar(w, o0, n, base, b0, b1, tile);
 }
+
+}  // namespace
 
 at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
                               const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   const int64_t in = x.size(-1);
   const Layer w = layer_of(planes, coef, offset, group_size, in);
   const int64_t padded = w.nbytes * 8;
-  at::Tensor x2 = x.reshape({-1, in});
+  at::Tensor x2 = contiguous_rows(x).view({-1, in});
   const int64_t tokens = x2.size(0);
-  const at::Tensor bias_f = float_bias(bias, w.out);
+  at::Tensor bias_owner;
+  const float* bias_ptr = float_bias(bias, w.out, bias_owner);
   at::Tensor y = output_for(x, w.out);
+  if (tokens == 0) return y;
   const auto as_float = at::TensorOptions().dtype(at::kFloat);
   // The input as float32 (tokens, padded), zero beyond in: x itself when it already is.
   at::Tensor xf;
@@ -403,20 +437,41 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
     xf.narrow(1, 0, in).copy_(x2);
   }
   const int isa = active_isa();
-  float* tile = scratch(tile_buffer, padded * kDecodeTile);
-  float* tile_out = scratch(tile_out_buffer, tokens * kDecodeTile);
+  const int64_t block_bytes = std::min(kDecodeBlockBytes, w.nbytes);
+  // A float32 output takes each tile's GEMMs in place (the bias as its initial value); other dtypes go through a
+  // float32 tile and one rounding.
+  const bool in_place = y.scalar_type() == at::kFloat;
+  const at::Tensor bias_f = bias_ptr ? at::from_blob(const_cast<float*>(bias_ptr), {w.out}, as_float) : at::Tensor();
   at::Tensor y2 = y.view({tokens, w.out});
-  for (int64_t o0 = 0; o0 < w.out; o0 += kDecodeTile) {
-    const int64_t n = std::min(kDecodeTile, w.out - o0);
-    at::parallel_for(0, w.nbytes, 16, [&](int64_t b0, int64_t b1) { decode_rows(isa, w, o0, n, b0, b1, tile); });
-    at::Tensor result = at::from_blob(tile_out, {tokens, n}, as_float);
-    at::mm_out(result, xf, at::from_blob(tile, {padded, n}, as_float));
-    at::Tensor dst = y2.narrow(1, o0, n);
-    if (bias_f.defined()) result.add_(bias_f.narrow(0, o0, n));
-    dst.copy_(result);
-  }
+  // One parallel region: each thread decodes and multiplies whole output tiles of its own (its GEMMs run on one
+  // thread inside the region). A region per tile would join 100+ times a call, and on a loaded machine every
+  // join waits for a descheduled thread.
+  at::parallel_for(0, (w.out + kDecodeTile - 1) / kDecodeTile, 1, [&](int64_t first, int64_t last) {
+    float* tile = scratch(tile_buffer, block_bytes * 8 * kDecodeTile);
+    float* tile_out = in_place ? nullptr : scratch(tile_out_buffer, tokens * kDecodeTile);
+    for (int64_t o0 = first * kDecodeTile; o0 < std::min(last * kDecodeTile, w.out); o0 += kDecodeTile) {
+      const int64_t n = std::min(kDecodeTile, w.out - o0);
+      at::Tensor dst = y2.narrow(1, o0, n);
+      at::Tensor result = in_place ? dst : at::from_blob(tile_out, {tokens, n}, as_float);
+      for (int64_t k0 = 0; k0 < w.nbytes; k0 += block_bytes) {
+        const int64_t k1 = std::min(k0 + block_bytes, w.nbytes);
+        decode_rows(isa, w, o0, n, k0, k0, k1, tile);
+        const at::Tensor weight = at::from_blob(tile, {(k1 - k0) * 8, n}, as_float);
+        const at::Tensor inputs = xf.narrow(1, k0 * 8, (k1 - k0) * 8);
+        if (k0 > 0)
+          result.addmm_(inputs, weight);
+        else if (bias_f.defined())
+          at::addmm_out(result, bias_f.narrow(0, o0, n), inputs, weight);
+        else
+          at::mm_out(result, inputs, weight);
+      }
+      if (!in_place) dst.copy_(result);
+    }
+  });
   return y;
 }
+
+namespace {
 
 // Caps the instruction set the LUT uses (0 scalar, 1 AVX2, 2 AVX-512) so tests reach every path; returns the old cap.
 int64_t set_isa_limit(int64_t level) { return isa_limit.exchange(static_cast<int>(level)); }
