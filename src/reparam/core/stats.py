@@ -68,8 +68,16 @@ class LayerStats:
 
         Exact from the Gram matrix alone: ‖AX‖² = tr(A G Aᵀ).
         """
+        return relative_error(*self.squared_errors(weight, approx))
+
+    def squared_errors(self, weight: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+        """(‖(W − Ŵ)X‖², ‖WX‖²) as a float64 (2,) tensor: sums over the rows, so
+        the terms of row slices add up to those of the whole weight."""
         weight = weight.detach().to("cpu", torch.float64)
         delta = weight - approx.detach().to("cpu", torch.float64)
-        err = ((delta @ self.gram) * delta).sum()
-        ref = ((weight @ self.gram) * weight).sum()
-        return float((err / ref.clamp_min(1e-300)).clamp_min(0).sqrt())
+        return torch.stack([((delta @ self.gram) * delta).sum(), ((weight @ self.gram) * weight).sum()])
+
+
+def relative_error(error: torch.Tensor, reference: torch.Tensor) -> float:
+    """√(error / reference) of the two terms of :meth:`LayerStats.squared_errors`."""
+    return float((error / reference.clamp_min(1e-300)).clamp_min(0).sqrt())
