@@ -86,20 +86,28 @@ class Collective:
                          f"model: {text}")
 
     def reduce_stats(self, stats: dict[str, LayerStats]) -> None:
-        """Sum every rank's statistics in place (layers sharing one object are reduced once)."""
+        """Sum every rank's statistics in place (layers sharing one object are reduced once).
+
+        A Gram matrix is symmetric: only its upper triangle is sent, and the
+        sum is mirrored into the lower one (half the bytes)."""
         unique = list({id(s): s for _, s in sorted(stats.items())}.values())
         if not unique:
             return
-        flat = torch.cat([torch.cat([s.gram.reshape(-1), s.abs_sum, torch.tensor([float(s.count)],
-                                                                                  dtype=torch.float64)])
+        upper = {n: torch.triu_indices(n, n) for n in {s.gram.shape[0] for s in unique}}
+        flat = torch.cat([torch.cat([s.gram[tuple(upper[s.gram.shape[0]])], s.abs_sum,
+                                     torch.tensor([float(s.count)], dtype=torch.float64)])
                           for s in unique]).to(self.device)
         self._all_reduce(flat, dist.ReduceOp.SUM)
         flat = flat.cpu()
         start = 0
         for s in unique:
-            for tensor in (s.gram, s.abs_sum):
-                tensor.copy_(flat[start:start + tensor.numel()].view_as(tensor))
-                start += tensor.numel()
+            rows, cols = upper[s.gram.shape[0]]
+            triangle = flat[start:start + rows.numel()]
+            s.gram[rows, cols] = triangle
+            s.gram[cols, rows] = triangle
+            start += rows.numel()
+            s.abs_sum.copy_(flat[start:start + s.abs_sum.numel()])
+            start += s.abs_sum.numel()
             s.count = int(flat[start])
             start += 1
 
