@@ -44,7 +44,7 @@ class Method:
     check_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None
     # Where each tensor of the fitted module holds the output rows, when its
     # fit treats rows independently (``ReparamModule.ROW_DIMS``); None: it does not.
-    row_dims: Mapping[str, int] | None = None
+    row_dims: Mapping[str, int] | None = dataclasses.field(default=None, hash=False)  # a dict: not hashable
 
     def supports(self, module: nn.Module) -> bool:
         # Exact types only, so a converted wrapper or a subclass with its own
