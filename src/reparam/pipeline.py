@@ -307,29 +307,24 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
             before = state_numel(item.module), state_nbytes(item.module)
             # In-place methods change the module's weight: the error is measured against a copy.
             original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
-            part = terms = None
-            if owner == SPLIT:
-                rows = collective.rows(original.shape[0] if original is not None else linear_shape(item.module)[1])
-                part = item.method.apply(row_slice(item.module, rows), item.config, layer_stats)
-                new = swaps.swap(item.name, item.method, lambda old: item.method.restore(old, item.config),
-                                 aliases=item.aliases)
-                fitted, original = part, None if original is None else original[rows]
-            elif owner is None or owner == collective.rank:
-                new = swaps.swap(item.name, item.method, lambda old: item.method.apply(old, item.config, layer_stats),
-                                 aliases=item.aliases)
-                fitted = new
-            else:
-                new = swaps.swap(item.name, item.method, lambda old: item.method.restore(old, item.config),
-                                 aliases=item.aliases)
-                fitted = None
-            if layer_stats is not None and fitted is not None:
-                terms = layer_stats.squared_errors(original, fitted.weight)  # the statistics can go now
-            done.append((item, new, owner, part, layer_stats is not None, terms, before))
+            part = None
+            if owner == SPLIT:  # this rank's slice of the rows, fitted on its own; the skeleton is filled later
+                my_rows = collective.rows(linear_shape(item.module)[1])
+                part = item.method.apply(row_slice(item.module, my_rows), item.config, layer_stats)
+                original = None if original is None else original[my_rows]
+            mine = owner is None or owner == collective.rank
+            build = (lambda old: item.method.apply(old, item.config, layer_stats)) if mine else \
+                (lambda old: item.method.restore(old, item.config))
+            new = swaps.swap(item.name, item.method, build, aliases=item.aliases)
+            fitted = new if mine else part
+            # (‖(W − Ŵ)X‖², ‖WX‖²) of the rows fitted here (zeros if none), measured now so the statistics can go.
+            terms = None if layer_stats is None else torch.zeros(2, dtype=torch.float64) if fitted is None else \
+                layer_stats.squared_errors(original, fitted.weight)
+            done.append((item, new, owner, part, terms, before))
         return done
 
     done = step(collective, fit_mine)
-    # (‖(W − Ŵ)X‖², ‖WX‖²) per item: this rank's share, summed over the ranks unless every rank fitted it whole.
-    terms = torch.stack([t if t is not None else torch.zeros(2, dtype=torch.float64) for *_, t, _ in done]) \
+    terms = torch.stack([torch.zeros(2, dtype=torch.float64) if t is None else t for *_, t, _ in done]) \
         if done else torch.zeros(0, 2, dtype=torch.float64)
     if collective is not None:
         for item, new, owner, part, *_ in done:
@@ -337,11 +332,13 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
                 collective.share_rows(new, part, item.method.row_dims)
             elif owner is not None:
                 collective.share(new, owner)
+        # Summed over the ranks, except for layers that every rank fitted whole.
         everywhere = torch.tensor([owner is None for _, _, owner, *_ in done], dtype=torch.bool)
         terms = torch.where(everywhere[:, None], terms, collective.sum(terms))
-    for (item, new, _, _, measured, _, (numel, nbytes)), (error, reference) in zip(done, terms):
+    for (item, new, _, _, measured, (numel, nbytes)), (error, reference) in zip(done, terms):
         rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
-                                relative_error(error, reference) if measured else None, item.config.to_dict()))
+                                None if measured is None else relative_error(error, reference),
+                                item.config.to_dict()))
 
 
 def _owners(items: list, collective: Collective | None) -> list[int | None]:
