@@ -5,7 +5,9 @@ each), the bytes the collectives moved, and the perplexity of each result.
     python benchmarks/bench_distributed.py --recipe '{"model.layers.*": {"method": "affine", "bits": 4}}' --repeats 2
 
 Runs alternate (1, 2, 1, 2, ...) so that load on a shared machine hits both alike;
-each row notes the machine's 1-minute load average before and after its runs.
+each row notes the machine's 1-minute load average before and after its runs,
+and the CPU time of the busiest rank (the wall time it would take with a core
+per rank and nothing else running, since a rank waiting in a collective sleeps).
 """
 from __future__ import annotations
 
@@ -49,8 +51,11 @@ def main() -> None:
     rows = []
     for ranks, results in runs.items():
         seconds = statistics.median(r["convert_seconds"] for r in results)
+        cpu = statistics.median(r["busiest_rank_cpu_seconds"] for r in results)
         rows.append({"processes": ranks, "threads each": 1, "convert s (median)": seconds,
                      "speedup": statistics.median(r["convert_seconds"] for r in runs[1]) / seconds,
+                     "busiest rank's CPU s": cpu,
+                     "CPU speedup": statistics.median(r["busiest_rank_cpu_seconds"] for r in runs[1]) / cpu,
                      "MiB moved per rank": results[0]["bytes_communicated"] / 2 ** 20,
                      "perplexity": results[0]["perplexity"], "layers": results[0]["layers"],
                      "load before → after": ", ".join(r["load"] for r in results)})

@@ -349,7 +349,8 @@ def _owners(items: list, collective: Collective | None) -> list[int | None]:
     shapes = [linear_shape(p.module) for p in items]
     costs = [0.0 if p.method.undo is not None else p.config.fitting_cost(*shape) for p, shape in zip(items, shapes)]
     slice_costs = [p.config.fitting_cost(inputs, -(-outputs // collective.world))
-                   if p.method.row_dims is not None and p.method.undo is None else None
+                   if p.method.row_dims is not None and p.method.undo is None and outputs >= collective.world
+                   else None
                    for p, (inputs, outputs) in zip(items, shapes)]
     owners = collective.owners(costs, slice_costs)
     return [None if p.method.undo is not None else owner for p, owner in zip(items, owners)]
