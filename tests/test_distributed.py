@@ -38,6 +38,7 @@ def test_assign_splits_a_layer_costlier_than_a_ranks_share_when_its_rows_can_be_
     assert assign([10.0, 3.0, 2.0], 2, [6.0, None, None]) == [SPLIT, 0, 1]
     assert assign([10.0, 3.0, 2.0], 2, [None, None, None]) == [0, 1, 1]  # rows fitted jointly: whole
     assert assign([4.0, 3.0, 2.0], 2, [2.5, 2.0, 1.5]) == [0, 1, 1]  # nothing above the share: whole layers
+    assert assign([10.0, 3.0, 2.0], 2, [9.0, None, None]) == [0, 1, 1]  # a slice costs too much to pay
     assert row_slices(91, 2) == [slice(0, 46), slice(46, 91)]
     assert row_slices(2, 3) == [slice(0, 1), slice(1, 2), slice(2, 2)]
 

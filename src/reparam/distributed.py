@@ -187,28 +187,39 @@ def step(collective: Collective | None, work: Callable[[], T]) -> T:
 def assign(costs: Sequence[float], ranks: int, slice_costs: Sequence[float | None] | None = None) -> list[int]:
     """The rank that fits each item, or ``SPLIT`` for an item every rank fits a row slice of.
 
-    ``slice_costs[i]``: the cost of one of ``ranks`` row slices of item i, or
-    None where its rows cannot be fitted apart. An item costlier than a rank's
-    fair share (the total cost over ``ranks``) would keep the other ranks
-    waiting, so it is split when it can be (each rank then carries its slice's
-    cost, which repeats the part of the fit every slice needs, e.g. the
-    Hessian's factorization). The rest are packed longest processing time
-    first: the costliest item to the least loaded rank (within 4/3 of the
-    optimum).
+    Items are packed longest processing time first: the costliest to the
+    least loaded rank (within 4/3 of the optimum). An item costlier than a
+    rank's fair share (the total over ``ranks``) keeps the other ranks
+    waiting; where its rows can be fitted apart (``slice_costs[i]``, the cost
+    of one of ``ranks`` row slices, is not None), the packing is tried with
+    such items split, each rank carrying a slice, and kept if its most loaded
+    rank finishes sooner. A slice repeats what every slice needs (e.g. the
+    Hessian's factorization), so splitting does not always pay.
 
-    Deterministic (ties go to the lower rank and the earlier item), so every
-    rank computes the same assignment without talking to the others.
+    Deterministic (ties go to the lower rank, the earlier item, and not
+    splitting), so every rank computes the same assignment without talking to
+    the others.
     """
     slice_costs = slice_costs or [None] * len(costs)
     fair = sum(costs) / ranks
-    owner = [SPLIT if ranks > 1 and part is not None and cost > fair else 0
-             for cost, part in zip(costs, slice_costs)]
-    load = [sum(part for part, o in zip(slice_costs, owner) if o == SPLIT)] * ranks
-    for i in sorted((i for i in range(len(costs)) if owner[i] != SPLIT), key=lambda i: (-costs[i], i)):
+    heavy = {i for i, (cost, part) in enumerate(zip(costs, slice_costs)) if part is not None and cost > fair}
+    whole, whole_load = _pack(costs, ranks, set(), slice_costs)
+    if ranks == 1 or not heavy:
+        return whole
+    split, split_load = _pack(costs, ranks, heavy, slice_costs)
+    return split if split_load < whole_load else whole
+
+
+def _pack(costs: Sequence[float], ranks: int, split: set[int],
+          slice_costs: Sequence[float | None]) -> tuple[list[int], float]:
+    """LPT packing with the items in ``split`` on every rank: (owners, the most loaded rank's load)."""
+    owner = [SPLIT if i in split else 0 for i in range(len(costs))]
+    load = [sum(slice_costs[i] for i in split)] * ranks
+    for i in sorted((i for i in range(len(costs)) if i not in split), key=lambda i: (-costs[i], i)):
         rank = min(range(ranks), key=lambda r: (load[r], r))
         owner[i] = rank
         load[rank] += costs[i]
-    return owner
+    return owner, max(load)
 
 
 def row_slices(count: int, ranks: int) -> list[slice]:
