@@ -9,8 +9,8 @@ of the calibration data and the ranks work in lockstep:
 - the layers of a block (or of the whole model, in one pass) are assigned to
   ranks by their estimated fitting cost (longest-processing-time bin packing);
   a layer that alone costs more than a rank's fair share, and whose method
-  fits output rows independently, is split instead: every rank fits a slice
-  of its rows;
+  fits output rows independently, is split instead where that lowers the
+  busiest rank's load: every rank fits a slice of its rows;
 - each rank fits its layers (and slices), then every fitted layer's tensors
   are broadcast from the rank that fitted them, so all ranks end with the
   identical model; output errors are measured where the rows were fitted and
