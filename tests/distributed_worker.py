@@ -91,6 +91,32 @@ def convert_fails(rank, world, folder):
         _report(folder, rank, {"raised": type(err).__name__, "message": str(err), "restored": restored})
 
 
+def split_rows(rank, world, folder):
+    """A one-layer model: its layer costs more than a rank's fair share, so every rank fits a slice of its rows."""
+    from reparam.core.registry import get_method, parse_config
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 91))  # 91 rows: slices of 46 and 45
+    unsplit = torch.nn.Linear(64, 91)
+    unsplit.load_state_dict(model[0].state_dict())
+    shard = list(torch.randn(4, 32, 64)[rank::world])
+    recipe = {"0": {"method": "affine", "bits": 3, "group_size": 32}}
+    share_rows, slices = Collective.share_rows, []
+    Collective.share_rows = lambda self, module, part, dims: slices.append(part.out_features) or \
+        share_rows(self, module, part, dims)
+    report = reparam.convert(model, recipe, calib=shard, progress=False)
+    # The same statistics the conversion reduced (summed batch by batch, then over the ranks), fitted whole.
+    stats = LayerStats.empty(64)
+    for batch in shard:
+        stats.add(batch)
+    Collective().reduce_stats({"0": stats})
+    whole = get_method("affine").apply(unsplit, parse_config(recipe["0"]), stats)
+    save_file({"split": model[0].weight, "whole": whole.weight},
+              os.path.join(folder, f"split{rank}.safetensors"))
+    _report(folder, rank, {"slices": slices, "error": report.layers[0].output_error,
+                           "whole_error": stats.output_error(unsplit.weight, whole.weight)})
+
+
 def _report(folder, rank, values):
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as file:
         json.dump(values, file)

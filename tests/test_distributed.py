@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from reparam.core.stats import LayerStats
-from reparam.distributed import assign
+from reparam.distributed import SPLIT, assign, row_slices
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -33,6 +33,16 @@ def test_assign_balances_costs_and_is_deterministic():
     assert assign([1.0, 1.0, 1.0], 4) == [0, 1, 2]  # more ranks than items: one each, ties to the lower rank
 
 
+def test_assign_splits_a_layer_costlier_than_a_ranks_share_when_its_rows_can_be_split():
+    # 10 > (10 + 3 + 2) / 2: split, each rank carrying a slice (6), then 3 and 2 packed onto the ranks.
+    assert assign([10.0, 3.0, 2.0], 2, [6.0, None, None]) == [SPLIT, 0, 1]
+    assert assign([10.0, 3.0, 2.0], 2, [None, None, None]) == [0, 1, 1]  # rows fitted jointly: whole
+    assert assign([4.0, 3.0, 2.0], 2, [2.5, 2.0, 1.5]) == [0, 1, 1]  # nothing above the share: whole layers
+    assert assign([10.0, 3.0, 2.0], 2, [9.0, None, None]) == [0, 1, 1]  # a slice costs too much to pay
+    assert row_slices(91, 2) == [slice(0, 46), slice(46, 91)]
+    assert row_slices(2, 3) == [slice(0, 1), slice(1, 2), slice(2, 2)]
+
+
 def test_reduced_statistics_equal_those_of_all_the_data(tmp_path):
     reports = _run("stats", tmp_path)
     x = torch.randn(96, 12, generator=torch.Generator().manual_seed(0))
@@ -44,8 +54,9 @@ def test_reduced_statistics_equal_those_of_all_the_data(tmp_path):
         torch.testing.assert_close(got["a_abs"], whole.abs_sum, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got["b"], first8.gram, rtol=1e-12, atol=1e-12)  # shared: reduced once, not twice
         assert got["count"].tolist() == [96, 96]
-    # One all-reduce of the two unique statistics: (144 + 12 + 1 + 64 + 8 + 1) float64 values.
-    assert reports[0]["bytes_moved"] == 8 * 230
+    # One all-reduce of the two unique statistics, Gram matrices as upper triangles: (78 + 12 + 1 + 36 + 8 + 1)
+    # float64 values.
+    assert reports[0]["bytes_moved"] == 8 * 136
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
@@ -87,6 +98,19 @@ def test_two_ranks_convert_minilm_like_one_process_on_all_the_data(tmp_path):
     for name, module in single.named_modules():
         if isinstance(module, reparam.LowRankLinear):
             torch.testing.assert_close(twin.get_submodule(name).weight, module.weight, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_split_by_rows_equals_the_unsplit_fit_on_every_rank(tmp_path):
+    reports = _run("split_rows", tmp_path)
+    assert reports[0]["slices"] == [46] and reports[1]["slices"] == [45]  # each rank fitted its slice of the rows
+    ranks = [load_file(tmp_path / f"split{rank}.safetensors") for rank in range(2)]
+    assert torch.equal(ranks[0]["split"], ranks[1]["split"])
+    # The same statistics and each row quantized on its own: only the matrix products' blocking over
+    # fewer rows can differ, in the last bits of float64, far below the fp16 parameters' resolution.
+    torch.testing.assert_close(ranks[0]["split"], ranks[0]["whole"], rtol=1e-6, atol=1e-6)
+    # Errors summed over the slices' rows, as over the whole layer's.
+    assert reports[0]["error"] == reports[1]["error"]
+    assert abs(reports[0]["error"] - reports[0]["whole_error"]) < 1e-9
 
 
 def test_an_error_on_one_rank_restores_every_rank(tmp_path):

@@ -28,10 +28,10 @@ from torch import nn
 
 from .calibration import StatsCollector, batch_mask, collect_stats, eval_mode, run_model
 from .core.config import ConfigError
-from .core.module import linear_shape, linear_weight, state_nbytes, state_numel
+from .core.module import linear_shape, linear_weight, row_slice, state_nbytes, state_numel
 from .core.registry import get_method
-from .core.stats import LayerStats
-from .distributed import Collective, fitting_cost, step
+from .core.stats import LayerStats, relative_error
+from .distributed import SPLIT, Collective, step
 from .heap import release_free_memory
 from .progress import progress_bar
 from .report import LayerReport
@@ -373,37 +373,66 @@ def fit_and_swap(swaps: ModuleSwaps, items: list, stats: dict[str, LayerStats], 
 
     With a ``collective`` each rank fits the items assigned to it and builds
     empty skeletons for the others, which are then filled from their owners;
-    in-place methods (cheap, data-free) run on every rank.
+    a layer split by rows (see ``distributed.assign``) is fitted a slice per
+    rank and put together the same way; in-place methods (cheap, data-free)
+    run on every rank. Output errors are measured where the rows were fitted
+    and summed over the ranks in one all-reduce.
     """
-    owners = collective.owners([fitting_cost(*linear_shape(p.module)) for p in items]) if collective else None
+    owners = _owners(items, collective)
 
     def fit_mine() -> list[tuple]:
         done = []
-        for i, item in enumerate(progress_bar(items, desc="converting", disable=not progress, total=len(items))):
+        for item, owner in zip(progress_bar(items, desc="converting", disable=not progress, total=len(items)),
+                               owners):
             layer_stats = stats.pop(item.name, None)
             before = state_numel(item.module), state_nbytes(item.module)
+            # In-place methods change the module's weight: the error is measured against a copy.
             original = linear_weight(item.module).detach().clone() if layer_stats is not None else None
-            owner = None if owners is None or item.method.undo is not None else owners[i]
+            part = None
+            if owner == SPLIT:  # this rank's slice of the rows, fitted on its own; the skeleton is filled later
+                my_rows = collective.rows(linear_shape(item.module)[1])
+                part = item.method.apply(row_slice(item.module, my_rows), item.config, layer_stats)
+                original = None if original is None else original[my_rows]
             mine = owner is None or owner == collective.rank
-            if mine:
-                build = lambda old: item.method.apply(old, item.config, layer_stats)  # noqa: E731
-            else:
-                build = lambda old: item.method.restore(old, item.config)  # noqa: E731
+            build = (lambda old: item.method.apply(old, item.config, layer_stats)) if mine else \
+                (lambda old: item.method.restore(old, item.config))
             new = swaps.swap(item.name, item.method, build, aliases=item.aliases)
-            # Owned layers are measured now, so their statistics can go; the others once their tensors arrive.
-            error = _output_error(layer_stats, original, new) if mine else None
-            done.append((item, new, owner, error, None if mine else (layer_stats, original), before))
+            fitted = new if mine else part
+            # (‖(W − Ŵ)X‖², ‖WX‖²) of the rows fitted here (zeros if none), measured now so the statistics can go.
+            terms = None if layer_stats is None else torch.zeros(2, dtype=torch.float64) if fitted is None else \
+                layer_stats.squared_errors(original, fitted.weight)
+            done.append((item, new, owner, part, terms, before))
             release_free_memory()  # the fit's temporaries and the spilled original, not kept by glibc's heap
         return done
 
-    for item, new, owner, error, deferred, (numel, nbytes) in step(collective, fit_mine):
-        if owner is not None:
-            collective.share(new, owner)
-        if deferred is not None:
-            error = _output_error(*deferred, new)
+    done = step(collective, fit_mine)
+    terms = torch.stack([torch.zeros(2, dtype=torch.float64) if t is None else t for *_, t, _ in done]) \
+        if done else torch.zeros(0, 2, dtype=torch.float64)
+    if collective is not None:
+        for item, new, owner, part, *_ in done:
+            if owner == SPLIT:
+                collective.share_rows(new, part, item.method.row_dims)
+            elif owner is not None:
+                collective.share(new, owner)
+        # Summed over the ranks, except for layers that every rank fitted whole.
+        everywhere = torch.tensor([owner is None for _, _, owner, *_ in done], dtype=torch.bool)
+        terms = torch.where(everywhere[:, None], terms, collective.sum(terms))
+    for (item, new, _, _, measured, (numel, nbytes)), (error, reference) in zip(done, terms):
         rows.append(LayerReport(item.name, item.method.name, numel, state_numel(new), nbytes, state_nbytes(new),
-                                error, item.config.to_dict()))
+                                None if measured is None else relative_error(error, reference),
+                                item.config.to_dict()))
 
 
-def _output_error(stats: LayerStats | None, original: torch.Tensor | None, new: nn.Module) -> float | None:
-    return stats.output_error(original, new.weight) if stats is not None else None
+def _owners(items: list, collective: Collective | None) -> list[int | None]:
+    """Per item, the rank that fits it, ``SPLIT``, or None where every rank applies it (no collective, or an
+    in-place method: cheap and data-free)."""
+    if collective is None:
+        return [None] * len(items)
+    shapes = [linear_shape(p.module) for p in items]
+    costs = [0.0 if p.method.undo is not None else p.config.fitting_cost(*shape) for p, shape in zip(items, shapes)]
+    slice_costs = [p.config.fitting_cost(inputs, -(-outputs // collective.world))
+                   if p.method.row_dims is not None and p.method.undo is None and outputs >= collective.world
+                   else None
+                   for p, (inputs, outputs) in zip(items, shapes)]
+    owners = collective.owners(costs, slice_costs)
+    return [None if p.method.undo is not None else owner for p, owner in zip(items, owners)]

@@ -78,6 +78,12 @@ class MethodConfig:
         from .budget import allocate  # core.budget builds on this module
         return allocate(layers, allocator, progress=progress)
 
+    def fitting_cost(self, in_features: int, out_features: int) -> float:
+        """Relative time to fit a layer of this shape with calibration data, for
+        spreading layers over the ranks of a distributed conversion. Default: the
+        whitened factorizations' (in × in) work per output row, in²·(in + out)."""
+        return float(in_features) * in_features * (in_features + out_features)
+
     def cheap(self) -> "MethodConfig":
         """A faster variant whose fit ranks like this one's (e.g. round-to-nearest
         for GPTQ), used by the size-budget allocator (``core.budget``) to score candidates."""

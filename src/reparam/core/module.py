@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,12 @@ class ReparamModule(nn.Module, abc.ABC):
     The state dict holds θ exactly as stored (packed bits, sparse values and
     indices), so its bytes are the real compressed size.
     """
+
+    # For a wrapper whose fit treats output rows independently given the
+    # statistics: the dimension of each of its tensors that holds the output
+    # rows, so that a distributed conversion may fit a costly layer in row
+    # slices on several ranks and put them together. None: rows are fitted jointly.
+    ROW_DIMS: ClassVar[Mapping[str, int] | None] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: MethodConfig, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -120,6 +126,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of an ``nn.Linear`` or ``Conv1D`` (a transposed view for Conv1D)."""
     return module.weight.T if is_conv1d(module) else module.weight
+
+
+def row_slice(linear: nn.Module, rows: slice) -> nn.Linear:
+    """An ``nn.Linear`` computing output rows ``rows`` of ``linear`` (an ``nn.Linear``
+    or ``Conv1D``), its tensors views of ``linear``'s (nothing is copied)."""
+    weight = linear_weight(linear)[rows].detach()
+    part = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device="meta")
+    part.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        part.bias = nn.Parameter(linear.bias[rows].detach(), requires_grad=False)
+    return part
 
 
 def state_nbytes(module: nn.Module) -> int:

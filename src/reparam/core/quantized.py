@@ -54,6 +54,10 @@ class QuantizedConfig(MethodConfig):
     group_size: int | None = None
     fit: str = "auto"
     act_order: bool = True  # raised MiniLM's fidelity for every method and width measured (docs/shift_add.md)
+    # The compensated fit's time, measured at 1 thread on SmolLM2's shapes (docs/distributed.md): the
+    # Hessian's Cholesky factorizations, ∝ in³, and the column loop, ∝ in per output row; ROW_FIT_COST
+    # is one row's share of the loop relative to in² of factorization.
+    ROW_FIT_COST: ClassVar[float] = 4400
 
     def __post_init__(self):
         if self.bits == "auto":
@@ -102,6 +106,9 @@ class QuantizedConfig(MethodConfig):
             return None
         widths = [self.replace(bits=bits, target_bits=None) for bits in self.BITS]
         return Allocator(widths, budget_bytes(modules.values(), self.target_bits, None))
+
+    def fitting_cost(self, in_features: int, out_features: int) -> float:
+        return float(in_features) * (in_features * in_features + self.ROW_FIT_COST * out_features)
 
     def cheap(self) -> "QuantizedConfig":
         # Round-to-nearest ranks widths and groups like the compensated fit, at a fraction of its time.
@@ -180,6 +187,9 @@ class QuantizedLinear(ReparamModule):
     kept as it was. The forward never builds W on CPU at small batch, nor on
     CUDA (see ``reparam.kernels.bitplane``).
     """
+
+    # Every fit (round-to-nearest, compensated) quantizes each output row on its own, given the Hessian.
+    ROW_DIMS = {"planes": 2, "params": 0, "bias": 0}
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantizedConfig, *,
                  device=None, dtype=None):

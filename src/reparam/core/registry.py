@@ -42,6 +42,9 @@ class Method:
     # matched by class name, so transformers is never imported here.
     conv1d: bool = False
     check_state: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None
+    # Where each tensor of the fitted module holds the output rows, when its
+    # fit treats rows independently (``ReparamModule.ROW_DIMS``); None: it does not.
+    row_dims: Mapping[str, int] | None = dataclasses.field(default=None, hash=False)  # a dict: not hashable
 
     def supports(self, module: nn.Module) -> bool:
         # Exact types only, so a converted wrapper or a subclass with its own
@@ -72,7 +75,7 @@ def register_wrapper(config: type[MethodConfig], targets: tuple[type[nn.Module],
     it takes ``targets`` and transformers' ``Conv1D``."""
     def decorate(cls: type[ReparamModule]) -> type[ReparamModule]:
         register(Method(config.method, config, targets, apply=cls.from_linear, restore=cls.empty_like,
-                        conv1d=True, check_state=cls.check_state))
+                        conv1d=True, check_state=cls.check_state, row_dims=cls.ROW_DIMS))
         return cls
     return decorate
 

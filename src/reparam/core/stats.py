@@ -73,11 +73,14 @@ class LayerStats:
 
         Exact from the Gram matrix alone: ‖AX‖² = tr(A G Aᵀ).
         """
+        return relative_error(*self.squared_errors(weight, approx))
+
+    def squared_errors(self, weight: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+        """(‖(W − Ŵ)X‖², ‖WX‖²) as a float64 (2,) tensor: sums over the rows, so
+        the terms of row slices add up to those of the whole weight."""
         weight = weight.detach().to("cpu", torch.float64)
         delta = weight - approx.detach().to("cpu", torch.float64)
-        err = ((delta @ self.gram) * delta).sum()
-        ref = ((weight @ self.gram) * weight).sum()
-        return float((err / ref.clamp_min(1e-300)).clamp_min(0).sqrt())
+        return torch.stack([((delta @ self.gram) * delta).sum(), ((weight @ self.gram) * weight).sum()])
 
     def weighted_error(self, weight: torch.Tensor, approx: torch.Tensor) -> float:
         """Σ_o s_o·‖(W − Ŵ)_o X‖²: the growth of the model's loss that the
@@ -87,3 +90,8 @@ class LayerStats:
         delta = weight.detach().to("cpu", torch.float64) - approx.detach().to("cpu", torch.float64)
         per_row = ((delta @ self.gram) * delta).sum(1).clamp_min(0)  # (out,) ‖(W − Ŵ)_o X‖²
         return float(per_row @ self.sensitivity)
+
+
+def relative_error(error: torch.Tensor, reference: torch.Tensor) -> float:
+    """√(error / reference) of the two terms of :meth:`LayerStats.squared_errors`."""
+    return float((error / reference.clamp_min(1e-300)).clamp_min(0).sqrt())

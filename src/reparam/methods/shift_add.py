@@ -43,6 +43,7 @@ class ShiftAddConfig(QuantizedConfig):
     bits: int | str = 3
     scale: str = "pow2"
     pow2_terms: int = 3  # ShiftAddLLM's reference code uses 3
+    ROW_FIT_COST: ClassVar[float] = 16000  # alternating least squares per group: ~3.5x affine's per-row time
 
     def __post_init__(self):
         super().__post_init__()
