@@ -171,3 +171,19 @@ def test_compiled_graph_keeps_the_op_whole():
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_gradients_through_the_threaded_decode_path():
+    # Several output tiles at 2 threads: the GEMMs of OpenMP's worker threads must not see x's autograd
+    # (the op's autograd wrapper excludes it only on the calling thread); LoRA on a compressed layer does this.
+    layer = shift_add_layer(out_features=300)
+    x = torch.randn(LUT_MAX_TOKENS + 8, 96, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer(x).square().sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    expected = x.detach().clone().requires_grad_()
+    F.linear(expected, layer.materialize().detach(), layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad, rtol=1e-4, atol=1e-4)

@@ -447,6 +447,9 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
   // thread inside the region). A region per tile would join 100+ times a call, and on a loaded machine every
   // join waits for a descheduled thread.
   at::parallel_for(0, (w.out + kDecodeTile - 1) / kDecodeTile, 1, [&](int64_t first, int64_t last) {
+    // Called from the op's autograd wrapper, x may require grad: the GEMMs below must not dispatch to autograd.
+    // The wrapper's exclusion of autograd is thread-local, and OpenMP's worker threads do not inherit it.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     float* tile = scratch(tile_buffer, block_bytes * 8 * kDecodeTile);
     float* tile_out = in_place ? nullptr : scratch(tile_out_buffer, tokens * kDecodeTile);
     for (int64_t o0 = first * kDecodeTile; o0 < std::min(last * kDecodeTile, w.out); o0 += kDecodeTile) {
