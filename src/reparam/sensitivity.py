@@ -73,15 +73,16 @@ def collect_sensitivity(model: nn.Module, calib: Iterable[Any], layers: Mapping[
                         if grad is not None:
                             grad = _unpadded(grad, mask)
                             sums[name] += grad.double().square().sum(0) / probes
-                            rows[name] += grad.shape[0] if k == 0 else 0
+                            if k == 0:
+                                rows[name] += grad.shape[0]
     finally:
         for handle in handles:
             handle.remove()
     unreached = [name for name, count in rows.items() if count == 0]
     if unreached:
         warnings.warn(f"{len(unreached)} layer(s), e.g. '{unreached[0]}', do not reach the model's output "
-                      f"({'logits' if _field(result, 'logits') is not None else 'its first output tensor'}); "
-                      "they count as costing nothing and get the smallest choice", stacklevel=2)
+                      "(its logits, last_hidden_state or first tensor); they count as costing nothing and get "
+                      "the smallest choice", stacklevel=2)
     return {name: total / max(rows[name], 1) for name, total in sums.items()}
 
 
@@ -92,7 +93,8 @@ def _probe(result: Any, mask: torch.Tensor | None, generator: torch.Generator) -
         logits = logits.float()
         with torch.no_grad():
             probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
-            drawn = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+            # Drawn on the CPU, where the seeded generator lives, whatever the model's device.
+            drawn = torch.multinomial(probs.cpu(), 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
         nll = -logits.log_softmax(-1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)  # (..., T)
         return (nll * _weights(mask, nll)).sum()
     hidden = _field(result, "last_hidden_state")
