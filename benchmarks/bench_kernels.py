@@ -4,7 +4,10 @@
 
 Speedup = dense time / layer time, both timed side by side in one process,
 interleaved round after round, medians (``reparam.bench.compare_latency``),
-at each thread count. Layers hold random valid contents (random planes and
+at each thread count, under ``torch.inference_mode()`` (inference as deployed;
+with autograd on, a compressed layer whose bias requires grad goes through the
+registered op's autograd wrapper, about 6 µs more a call). Layers get the
+group size ``convert`` would give them. Layers hold random valid contents (random planes and
 scales, random sparse codes): speed does not depend on the values, and this
 keeps the script free of slow fits. Cases and the issue's targets:
 
@@ -40,8 +43,9 @@ SMOLLM2_SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))
 
 
 @torch.no_grad()
-def random_quantized(method: str, bits: int, in_features: int, out_features: int, group_size: int = 128):
-    """A shift_add or affine layer with random planes and valid random scales."""
+def random_quantized(method: str, bits: int, in_features: int, out_features: int, group_size: int | None = None):
+    """A shift_add or affine layer with random planes and valid random scales; the default group size is the one
+    ``convert`` gives that width (64 for SmolLM2's 576 inputs, 128 for the others here)."""
     if method == "shift_add":
         layer = ShiftAddLinear(in_features, out_features, True, ShiftAddConfig(bits=bits, group_size=group_size))
         layer.params.copy_(torch.rand(layer.params.shape) * 0.02)
@@ -67,6 +71,7 @@ def random_factorized(method: str, in_features: int, out_features: int, size_rat
     return layer
 
 
+@torch.inference_mode()  # inference as deployed (generate() runs without autograd too), for both sides
 def speedup(layer: nn.Module, tokens: int, rounds: int) -> dict:
     dense = nn.Linear(layer.in_features, layer.out_features)
     x = torch.randn(tokens, layer.in_features)
@@ -75,6 +80,7 @@ def speedup(layer: nn.Module, tokens: int, rounds: int) -> dict:
             "speedup": times["dense"] / times["layer"]}
 
 
+@torch.inference_mode()
 def int4pack_speedup(tokens: int, rounds: int, size: int = 4096, group_size: int = 128) -> dict:
     """torch's int4 CPU kernel (as torchao uses it) on random 4-bit weights, against dense and the bit-plane LUT."""
     codes = torch.randint(0, 16, (size, size), dtype=torch.int32)
@@ -92,12 +98,13 @@ def int4pack_speedup(tokens: int, rounds: int, size: int = 4096, group_size: int
             "bitplane speedup": times["dense"] / times["bitplane"]}
 
 
+@torch.inference_mode()
 def crossover(in_features: int, out_features: int, tokens: tuple[int, ...], rounds: int) -> list[dict]:
     """The compiled LUT against decode-and-GEMM at growing token counts."""
     ops = compiled_ops()
     layer = random_quantized("shift_add", 3, in_features, out_features)
     coef, offset = layer._cached_linear_form()
-    args = (layer.planes, coef, offset, 128, layer.bias)
+    args = (layer.planes, coef, offset, layer.config.group_size, layer.bias)
     rows = []
     for count in tokens:
         x = torch.randn(count, in_features)

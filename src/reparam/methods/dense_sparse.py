@@ -37,6 +37,7 @@ from ..core.module import ReparamModule
 from ..core.registry import register_wrapper
 from ..core.stats import LayerStats
 from ..kernels.dense_sparse import dense_sparse_linear, sparse_to_dense
+from ..kernels.factor_chain import factor_chain_linear
 
 FACTORIZERS = ("auto", "plain", "whitened")
 PATTERNS = (None, "2:4")
@@ -310,7 +311,7 @@ class DenseSparseLinear(ReparamModule):
             # Inference on CPU: two GEMMs with S kept dense (k·in more floats in memory, built once per packed
             # S). Scattering the s·in products costs a read-modify-write each and was slower than the dense
             # layer at most measured shapes (docs/kernels.md); two GEMMs cost k·(in + out) multiply-adds.
-            return F.linear(F.linear(x, self._dense_sparse_cache()), self.d, self.bias)
+            return factor_chain_linear(x, self._dense_sparse_cache(), self.d, self.bias)
         return dense_sparse_linear(x, self.d, self.values, self.indices, self.bias)
 
     def _dense_sparse_cache(self) -> torch.Tensor:

@@ -15,7 +15,6 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ConfigError, MethodConfig, check_budget, check_choice, check_range
@@ -23,6 +22,7 @@ from ..core.factorizer import ChannelScaling, Identity, InputSpace, TruncatedSVD
 from ..core.module import ReparamModule
 from ..core.registry import register_wrapper
 from ..core.stats import LayerStats
+from ..kernels.factor_chain import factor_chain_linear
 
 FACTORIZERS = ("auto", "svd", "asvd", "whitened")
 
@@ -103,4 +103,4 @@ class LowRankLinear(ReparamModule):
         return self.u @ self.v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.v), self.u, self.bias)
+        return factor_chain_linear(x, self.v, self.u, self.bias)

@@ -26,42 +26,21 @@
 #include <torch/library.h>
 
 #include "bitplane.h"
+#include "isa.h"
 #include "scratch.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define REPARAM_X86 1
-#endif
-
 namespace reparam {
 namespace {
 
-constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2;
 constexpr int64_t kTokensPerPass = 4;  // token tables held in registers at once
 constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile
 constexpr int64_t kDecodeBlockBytes = 128;  // plane bytes per tile: a (1024, 128) float tile, 512 KB, stays in L2
 constexpr int64_t kMaxBits = 8;
-
-std::atomic<int> isa_limit{kIsaAvx512};
-
-int detected_isa() {
-#ifdef REPARAM_X86
-  static const int isa = __builtin_cpu_supports("avx512f") ? kIsaAvx512
-                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kIsaAvx2
-                                                                                                : kIsaScalar;
-  return isa;
-#else
-  return kIsaScalar;
-#endif
-}
-
-int active_isa() { return std::min(detected_isa(), isa_limit.load()); }
 
 struct Layer {
   const uint8_t* planes;  // (bits, nbytes, out)
@@ -107,24 +86,53 @@ at::Tensor output_for(const at::Tensor& x, int64_t out) {
   return at::empty(sizes, x.options());
 }
 
+thread_local std::vector<float> row_buffer, tables_buffer, xsum_buffer, acc_buffer, tile_buffer, tile_out_buffer,
+    input_buffer;
+
+// The 16 entries of each quad's table from a float row (quads·4 values): entry n is Σ_{bit m of n} row[4q + m],
+// added in the order m = 0, 1, 2, 3 starting from +0.
+void quad_tables_scalar(const float* row, int64_t quads, float* tables) {
+  for (int64_t q = 0; q < quads; ++q) {
+    float* e = tables + q * 16;
+    e[0] = 0.f;
+    for (int m = 0; m < 4; ++m)
+      for (int n = 0; n < (1 << m); ++n) e[(1 << m) + n] = e[n] + row[4 * q + m];
+  }
+}
+
+#ifdef REPARAM_X86
+// The same with a quad's table in one register: lane n adds row[4q + m] under the mask of lanes with bit m set,
+// in the same order from the same +0, so the entries are bit-identical to the scalar loop's.
+__attribute__((target("avx512f"))) void quad_tables_avx512(const float* row, int64_t quads, float* tables) {
+  constexpr __mmask16 kLanesWithBit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512 e = _mm512_setzero_ps();
+    for (int m = 0; m < 4; ++m) e = _mm512_mask_add_ps(e, kLanesWithBit[m], e, _mm512_set1_ps(row[4 * q + m]));
+    _mm512_storeu_ps(tables + q * 16, e);
+  }
+}
+#endif
+
 // tables (tokens, padded_in/4, 16): entry n of quad q is Σ_{bit m of n} x[4q + m]; xsum (tokens, groups).
 template <typename scalar_t>
-void build_tables(const scalar_t* x, int64_t tokens, int64_t in, int64_t quads, int64_t group_size, float* tables,
-                  float* xsum) {
-  const int64_t groups = quads * 4 / group_size;
+void build_tables(int isa, const scalar_t* x, int64_t tokens, int64_t in, int64_t quads, int64_t group_size,
+                  float* tables, float* xsum) {
+  const int64_t groups = quads * 4 / group_size, padded = quads * 4;
+  float* row = scratch(row_buffer, padded);
   for (int64_t t = 0; t < tokens; ++t) {
-    const scalar_t* row = x + t * in;
+    for (int64_t j = 0; j < in; ++j) row[j] = static_cast<float>(x[t * in + j]);
+    std::fill(row + in, row + padded, 0.f);
     float* sums = xsum + t * groups;
     std::fill(sums, sums + groups, 0.f);
-    for (int64_t q = 0; q < quads; ++q) {
-      float v[4];
-      for (int m = 0; m < 4; ++m) v[m] = 4 * q + m < in ? static_cast<float>(row[4 * q + m]) : 0.f;
-      float* e = tables + (t * quads + q) * 16;
-      e[0] = 0.f;
-      for (int m = 0; m < 4; ++m)
-        for (int n = 0; n < (1 << m); ++n) e[(1 << m) + n] = e[n] + v[m];
-      sums[q * 4 / group_size] += (v[0] + v[1]) + (v[2] + v[3]);
+    for (int64_t q = 0; q < quads; ++q)
+      sums[q * 4 / group_size] += (row[4 * q] + row[4 * q + 1]) + (row[4 * q + 2] + row[4 * q + 3]);
+#ifdef REPARAM_X86
+    if (isa == kIsaAvx512) {
+      quad_tables_avx512(row, quads, tables + t * quads * 16);
+      continue;
     }
+#endif
+    quad_tables_scalar(row, quads, tables + t * quads * 16);
   }
 }
 
@@ -312,8 +320,6 @@ at::Tensor contiguous_rows(const at::Tensor& x) {
   return x.is_contiguous() ? x : x.contiguous();
 }
 
-thread_local std::vector<float> tables_buffer, xsum_buffer, acc_buffer, tile_buffer, tile_out_buffer, input_buffer;
-
 }  // namespace
 
 at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
@@ -335,7 +341,7 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
   // second thread costs more than it saves, and on a loaded machine the join waits for a descheduled thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 22) / (block * w.nbytes * 8 * w.bits));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitplane_lut", [&] {
-    build_tables<scalar_t>(x2.data_ptr<scalar_t>(), tokens, in, quads, group_size, tables, xsum);
+    build_tables<scalar_t>(isa, x2.data_ptr<scalar_t>(), tokens, in, quads, group_size, tables, xsum);
     const Lut lut{w, tables, quads};
     scalar_t* out = y.data_ptr<scalar_t>();
     const auto run = [&](int64_t first, int64_t last) {

@@ -1,4 +1,5 @@
-// The eager entry into the bit-plane kernels: one pybind call from QuantizedLinear.forward. Calling an op
+// The eager entry into the compiled kernels: one pybind call from a layer's forward (QuantizedLinear's bit-plane
+// kernels; the factorized layers' factor_chain_linear, which needs no op: it falls back to aten ops itself). Calling an op
 // through torch.ops costs the dispatcher's argument parsing (~2 µs here) and the Python autograd wrapper that
 // torch.library.register_autograd puts around it (~6 µs): together as much as a whole 384x384 layer. This
 // entry calls the kernels directly whenever autograd has nothing to record; when it must record (grad mode on
@@ -7,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "bitplane.h"
+#include "factor_chain.h"
 
 namespace reparam {
 namespace {
@@ -41,5 +43,8 @@ at::Tensor bitplane_linear(const at::Tensor& x, const at::Tensor& planes, const 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitplane_linear", &reparam::bitplane_linear,
         "bitplane_lut or bitplane_decode_mm by token count, straight to the kernel when autograd records nothing",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("factor_chain_linear", &reparam::factor_chain_linear,
+        "(x·firstᵀ)·secondᵀ + bias: compiled GEMVs at few float32 tokens without autograd, else at::linear twice",
         py::call_guard<py::gil_scoped_release>());
 }

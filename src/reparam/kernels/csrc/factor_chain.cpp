@@ -1,0 +1,126 @@
+// y = (x·Aᵀ)·Bᵀ + b at a few tokens: the inference forward of the factorized layers (low_rank: A = V, B = U;
+// dense_sparse's CPU path: A = its packed S made dense, B = D). Two library GEMVs cost a fixed ~9 µs each on
+// these shapes here (a 96x384 product took as long as a 384x384 one), more than their arithmetic; this runs both
+// products in one call, four rows of A or B at a time against one or two tokens, 16 columns per FMA. Outputs
+// equal the library's up to float summation order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include "factor_chain.h"
+#include "isa.h"
+#include "scratch.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace reparam {
+namespace {
+
+constexpr int64_t kGrainMacs = int64_t{1} << 18;  // multiply-adds a thread takes at least (~30 µs)
+
+constexpr int64_t kMaxTokens = 2;  // tokens per pass over the weights (more fill the registers: slower than MKL)
+
+// y[t, o] = Σ_j w[o, j]·x[t, j] (+ bias[o]) for rows o in [o0, o1) of a row-major (rows, in) w, tokens t < tok;
+// x (tok, in) and y (tok, rows) row-major.
+void gemv_scalar(const float* w, const float* x, int64_t tok, int64_t in, int64_t rows, int64_t o0, int64_t o1,
+                 const float* bias, float* y) {
+  for (int64_t t = 0; t < tok; ++t)
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* row = w + o * in;
+      float acc = 0.f;
+      for (int64_t j = 0; j < in; ++j) acc += row[j] * x[t * in + j];
+      y[t * rows + o] = bias ? acc + bias[o] : acc;
+    }
+}
+
+#ifdef REPARAM_X86
+// 16 columns from j (those under mask) of ROWS rows of w, multiplied with TOK tokens' and added to acc.
+template <int ROWS, int TOK>
+__attribute__((target("avx512f"))) inline void gemv_step_avx512(const float* w, const float* x, int64_t in, int64_t o,
+                                                                int64_t j, __mmask16 mask, __m512 (&acc)[ROWS][TOK]) {
+  __m512 row[ROWS];
+  for (int r = 0; r < ROWS; ++r) row[r] = _mm512_maskz_loadu_ps(mask, w + (o + r) * in + j);
+  for (int t = 0; t < TOK; ++t) {
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * in + j);
+    for (int r = 0; r < ROWS; ++r) acc[r][t] = _mm512_fmadd_ps(row[r], xv, acc[r][t]);
+  }
+}
+
+// ROWS rows of w against TOK tokens: each 16 columns of a row are loaded once for all tokens.
+template <int ROWS, int TOK>
+__attribute__((target("avx512f"))) void gemv_block_avx512(const float* w, const float* x, int64_t in, int64_t rows,
+                                                          int64_t o, const float* bias, float* y) {
+  __m512 acc[ROWS][TOK];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < TOK; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= in; j += 16) gemv_step_avx512<ROWS, TOK>(w, x, in, o, j, 0xFFFF, acc);
+  if (j < in) gemv_step_avx512<ROWS, TOK>(w, x, in, o, j, static_cast<__mmask16>((1u << (in - j)) - 1), acc);
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < TOK; ++t) {
+      const float sum = _mm512_reduce_add_ps(acc[r][t]);
+      y[t * rows + o + r] = bias ? sum + bias[o + r] : sum;
+    }
+}
+
+template <int TOK>
+void gemv_avx512(const float* w, const float* x, int64_t in, int64_t rows, int64_t o0, int64_t o1,
+                 const float* bias, float* y) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) gemv_block_avx512<4, TOK>(w, x, in, rows, o, bias, y);
+  for (; o < o1; ++o) gemv_block_avx512<1, TOK>(w, x, in, rows, o, bias, y);
+}
+#endif
+
+// y (tok, rows) = x (tok, in)·wᵀ + bias, threaded over rows when each thread gets kGrainMacs.
+void gemv(int isa, const float* w, const float* x, int64_t tok, int64_t in, int64_t rows, const float* bias,
+          float* y) {
+  const auto run = [&](int64_t o0, int64_t o1) {
+#ifdef REPARAM_X86
+    if (isa == kIsaAvx512) {
+      return tok == 1 ? gemv_avx512<1>(w, x, in, rows, o0, o1, bias, y)
+                      : gemv_avx512<2>(w, x, in, rows, o0, o1, bias, y);
+    }
+#endif
+    gemv_scalar(w, x, tok, in, rows, o0, o1, bias, y);
+  };
+  const int64_t grain = std::max<int64_t>(4, kGrainMacs / std::max<int64_t>(in * tok, 1));
+  if (rows <= grain) run(0, rows);
+  else at::parallel_for(0, rows, grain, run);
+}
+
+bool fast_path_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+
+thread_local std::vector<float> codes_buffer;
+
+}  // namespace
+
+at::Tensor factor_chain_linear(const at::Tensor& x, const at::Tensor& first, const at::Tensor& second,
+                               const c10::optional<at::Tensor>& bias, int64_t max_tokens) {
+  const int64_t in = x.dim() > 0 ? x.size(-1) : 0;
+  const int64_t tokens = in > 0 ? x.numel() / in : 0;
+  const bool records = at::GradMode::is_enabled() &&
+                       (x.requires_grad() || first.requires_grad() || second.requires_grad() ||
+                        (bias.has_value() && bias->requires_grad()));
+  const bool takes = !records && tokens > 0 && tokens <= max_tokens && first.dim() == 2 && second.dim() == 2 &&
+                     first.size(1) == in && second.size(1) == first.size(0) && fast_path_takes(x) &&
+                     fast_path_takes(first) && fast_path_takes(second) &&
+                     (!bias.has_value() || (fast_path_takes(*bias) && bias->numel() == second.size(0)));
+  if (!takes) return at::linear(at::linear(x, first), second, bias);  // autograd, other dtypes, many tokens
+  const int64_t rank = first.size(0), out = second.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out;
+  at::Tensor y = at::empty(sizes, x.options());
+  float* codes = scratch(codes_buffer, kMaxTokens * rank);
+  const int isa = active_isa();
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  for (int64_t t0 = 0; t0 < tokens; t0 += kMaxTokens) {
+    const int64_t tok = std::min(kMaxTokens, tokens - t0);
+    gemv(isa, first.data_ptr<float>(), x.data_ptr<float>() + t0 * in, tok, in, rank, nullptr, codes);
+    gemv(isa, second.data_ptr<float>(), codes, tok, rank, out, b, y.data_ptr<float>() + t0 * out);
+  }
+  return y;
+}
+
+}  // namespace reparam
