@@ -146,7 +146,17 @@ class Quantizer(abc.ABC):
             return ordered.gather(1, position)[:, 0]
 
         compensation.run(weight, approximate, block=self.group_size * math.ceil(BLOCK / self.group_size))
-        return codes, torch.stack([params[group] for group in sorted(params)], 1)
+        params = torch.stack([params[group] for group in sorted(params)], 1)
+        return codes, self.refit_to_codes(weight, gram, codes, params)
+
+    def refit_to_codes(self, weight: torch.Tensor, gram: torch.Tensor, codes: torch.Tensor,
+                       params: torch.Tensor) -> torch.Tensor:
+        """Parameters refitted to the codes the compensated fit chose, for the output error on ``gram``.
+
+        The parameters were fitted before the codes (to the weights as they then were); a quantizer whose
+        levels are linear in its parameters can solve them again given the final codes. By default they stay.
+        """
+        return params
 
 
 def ascending(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

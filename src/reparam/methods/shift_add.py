@@ -23,10 +23,13 @@ from torch import nn
 
 from ..core.config import ConfigError, check_choice
 from ..core.quantized import QuantizedConfig, QuantizedLinear
-from ..core.quantizer import Quantizer
+from ..core.quantizer import PARAM_DTYPE, Quantizer
 from ..core.registry import register_wrapper
 
 ALS_ROUNDS = 15  # alternating rounds; at 4 bits fidelity stops improving after about 15
+# The size-budget allocator's cheap scores (``cheap``): the candidates it refits for real are chosen from these.
+CHEAP_ALS_ROUNDS = 3
+REFIT_ROWS = 64  # rows whose scales are refitted at once: bounds the (rows, in, groups·bits) float64 temporaries
 FP16_SPAN = 10  # fp16 holds 11 significant bits: terms more than 10 octaves below the first are dropped
 
 
@@ -38,11 +41,13 @@ class ShiftAddConfig(QuantizedConfig):
     FIELD_DOCS: ClassVar[dict[str, str]] = {
         "scale": '"pow2": each scale a sum of pow2_terms signed powers of two (multiplication-free); "float"',
         "pow2_terms": "powers of two per scale, 1 to 4 (ShiftAddLLM's code uses 3)",
+        "als_rounds": "alternating least-squares rounds per group (fewer: faster, coarser)",
     }
     BITS: ClassVar[tuple[int, ...]] = (2, 3, 4)
     bits: int | str = 3
     scale: str = "pow2"
     pow2_terms: int = 3  # ShiftAddLLM's reference code uses 3
+    als_rounds: int = ALS_ROUNDS
     ROW_FIT_COST: ClassVar[float] = 16000  # alternating least squares per group: ~3.5x affine's per-row time
 
     def __post_init__(self):
@@ -50,19 +55,26 @@ class ShiftAddConfig(QuantizedConfig):
         check_choice(self.method, "scale", self.scale, ("pow2", "float"))
         if not isinstance(self.pow2_terms, int) or not 1 <= self.pow2_terms <= 4:
             raise ConfigError(f"{self.method}: pow2_terms={self.pow2_terms!r} must be an integer in [1, 4]")
+        if isinstance(self.als_rounds, bool) or not isinstance(self.als_rounds, int) or self.als_rounds < 0:
+            raise ConfigError(f"{self.method}: als_rounds={self.als_rounds!r} must be a non-negative integer")
+
+    def cheap(self) -> "ShiftAddConfig":
+        # Round-to-nearest and a few alternating rounds. On SmolLM2 the cheap scores' 15-round fits were a third
+        # of `auto`'s time; the options near each layer's choice are refitted in full (core.budget).
+        return super().cheap().replace(als_rounds=CHEAP_ALS_ROUNDS)
 
     def quantizer(self, bits: int | None = None) -> Quantizer:
         return BinaryCoding(bits or self.bits, self.group_size,
-                            pow2_terms=self.pow2_terms if self.scale == "pow2" else None)
+                            pow2_terms=self.pow2_terms if self.scale == "pow2" else None, rounds=self.als_rounds)
 
 
 class BinaryCoding(Quantizer):
     """W ≈ Σ_i α_i·B_i per (row, group); params are the α_i, P = bits."""
 
-    def __init__(self, bits: int, group_size: int, pow2_terms: int | None):
+    def __init__(self, bits: int, group_size: int, pow2_terms: int | None, rounds: int = ALS_ROUNDS):
         super().__init__(bits, group_size)
         self.params_per_group = bits
-        self.pow2_terms = pow2_terms
+        self.pow2_terms, self.rounds = pow2_terms, rounds
 
     def fit_group(self, weight: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
         # Alternating least squares from two starts, keeping the better per
@@ -82,7 +94,7 @@ class BinaryCoding(Quantizer):
         grid = self._solve(*self._sums_of_runs(self._grid_alpha(weight), ordered, prefix)[:2])
         best_alpha, best_error = None, None
         for alpha in (greedy, grid):
-            for _ in range(ALS_ROUNDS):
+            for _ in range(self.rounds):
                 alpha = self._solve(*self._sums_of_runs(alpha, ordered, prefix)[:2])
             error = self._error(alpha, *self._sums_of_runs(alpha, ordered, prefix))
             if best_alpha is None:
@@ -92,6 +104,43 @@ class BinaryCoding(Quantizer):
                 best_alpha = torch.where(better[:, None], alpha, best_alpha)
                 best_error = torch.minimum(error, best_error)
         return pow2_round(best_alpha, self.pow2_terms) if self.pow2_terms else best_alpha
+
+    def refit_to_codes(self, weight, gram, codes, params):
+        """Every row's α, all groups together, by least squares on the output error given the codes.
+
+        With signs s_i = 2·bit_i − 1, row r's weight is Ŵ_r = B_r·α_r, B_r (in, groups·bits) holding s_i on
+        group g's columns in column (g, i), so ‖(W − Ŵ)_r X‖² = (w_r − B_r α_r)ᵀ H (w_r − B_r α_r) is least
+        at (B_rᵀ H B_r) α_r = B_rᵀ H w_r. The new α are rounded as stored (powers of two, fp16) and kept for
+        the rows whose output error they lower.
+        """
+        rows, columns = weight.shape
+        groups, size = params.shape[1], self.group_size
+        padding = groups * size - columns
+        hessian = nn.functional.pad(gram.to(weight.dtype), (0, padding, 0, padding)).view(-1, groups, size)
+        weight = nn.functional.pad(weight, (0, padding))
+        signs = _code_signs(self.bits, weight.dtype)[nn.functional.pad(codes, (0, padding))]  # (rows, in, bits)
+        refitted = params.clone()
+        for first in range(0, rows, REFIT_ROWS):
+            part = slice(first, min(first + REFIT_ROWS, rows))
+            basis = signs[part].view(-1, groups, size, self.bits)  # B_r as (groups, size, bits) blocks
+            h_basis = torch.einsum("jgk,rgki->rjgi", hessian, basis).reshape(-1, groups, size, groups * self.bits)
+            normal = torch.einsum("rgki,rgkm->rgim", basis, h_basis).reshape(-1, groups * self.bits,
+                                                                             groups * self.bits)
+            h_weight = weight[part] @ hessian.view(groups * size, -1)  # (n, in): H w_r
+            target = torch.einsum("rgki,rgk->rgi", basis, h_weight.view(-1, groups, size)).reshape(len(normal), -1)
+            ridge = 1e-9 * normal.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+            alpha = torch.linalg.solve(normal + ridge[:, None, None] * torch.eye(normal.shape[-1], dtype=normal.dtype),
+                                       target)
+            alpha = pow2_round(alpha, self.pow2_terms) if self.pow2_terms else alpha
+            alpha = alpha.to(PARAM_DTYPE).to(weight.dtype)
+            old = params[part].reshape(len(normal), -1)
+
+            def error(a):  # up to the constant w_rᵀ H w_r
+                return (a * (normal @ a[:, :, None])[..., 0]).sum(1) - 2 * (a * target).sum(1)
+
+            better = error(alpha) < error(old)
+            refitted[part] = torch.where(better[:, None], alpha, old).view(-1, groups, self.bits)
+        return refitted
 
     def _greedy_codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Codes whose bit i is the sign of the residual left by planes 0..i−1,
