@@ -139,6 +139,16 @@ def test_layer_forward_follows_its_params():
         torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_built_under_inference_mode_follows_its_params():
+    # Inference tensors keep no version counter, so the layer must not cache what it cannot invalidate.
+    with torch.inference_mode():
+        layer = shift_add_layer()
+        x = torch.randn(2, 96)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
+        layer.params.mul_(2)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.materialize(), layer.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_layer_without_bias():
     layer = shift_add_layer(bias=False)
     x = torch.randn(2, 96)

@@ -232,9 +232,11 @@ class QuantizedLinear(ReparamModule):
     def _cached_linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``linear_form()``, recomputed only when ``params`` changes (in place, by a load, or by a move), so a
         forward allocates nothing but its output. (Kept cheap: at 384x384 the whole layer takes ~10 µs.)"""
-        if torch.compiler.is_compiling():
-            return self._kernel_linear_form()
         params = self._buffers["params"]
+        if torch.compiler.is_compiling() or params.is_inference():
+            # Inference tensors (a layer built under torch.inference_mode) keep no version counter: an in-place
+            # change could not be seen, so nothing is cached.
+            return self._kernel_linear_form()
         cached = self.__dict__.get("_linear_form_cache")
         # a new tensor, an in-place change, or a move (a new address) each invalidate the cache
         if cached is None or cached[0] is not params or cached[1] != params._version or \

@@ -29,7 +29,7 @@ from ..core.registry import register_wrapper
 ALS_ROUNDS = 15  # alternating rounds; at 4 bits fidelity stops improving after about 15
 # The size-budget allocator's cheap scores (``cheap``): the candidates it refits for real are chosen from these.
 CHEAP_ALS_ROUNDS = 3
-REFIT_ROWS = 64  # rows whose scales are refitted at once: bounds the (rows, in, groups·bits) float64 temporaries
+REFIT_ROWS = 32  # rows whose scales are refitted at once: bounds the (rows, in, groups·bits) float64 temporaries
 FP16_SPAN = 10  # fp16 holds 11 significant bits: terms more than 10 octaves below the first are dropped
 
 
@@ -117,12 +117,12 @@ class BinaryCoding(Quantizer):
         groups, size = params.shape[1], self.group_size
         padding = groups * size - columns
         hessian = nn.functional.pad(gram.to(weight.dtype), (0, padding, 0, padding)).view(-1, groups, size)
-        weight = nn.functional.pad(weight, (0, padding))
-        signs = _code_signs(self.bits, weight.dtype)[nn.functional.pad(codes, (0, padding))]  # (rows, in, bits)
+        weight, codes = nn.functional.pad(weight, (0, padding)), nn.functional.pad(codes, (0, padding))
+        code_signs = _code_signs(self.bits, weight.dtype)
         refitted = params.clone()
         for first in range(0, rows, REFIT_ROWS):
             part = slice(first, min(first + REFIT_ROWS, rows))
-            basis = signs[part].view(-1, groups, size, self.bits)  # B_r as (groups, size, bits) blocks
+            basis = code_signs[codes[part]].view(-1, groups, size, self.bits)  # B_r as (groups, size, bits) blocks
             h_basis = torch.einsum("jgk,rgki->rjgi", hessian, basis).reshape(-1, groups, size, groups * self.bits)
             normal = torch.einsum("rgki,rgkm->rgim", basis, h_basis).reshape(-1, groups * self.bits,
                                                                              groups * self.bits)
@@ -134,11 +134,7 @@ class BinaryCoding(Quantizer):
             alpha = pow2_round(alpha, self.pow2_terms) if self.pow2_terms else alpha
             alpha = alpha.to(PARAM_DTYPE).to(weight.dtype)
             old = params[part].reshape(len(normal), -1)
-
-            def error(a):  # up to the constant w_rᵀ H w_r
-                return (a * (normal @ a[:, :, None])[..., 0]).sum(1) - 2 * (a * target).sum(1)
-
-            better = error(alpha) < error(old)
+            better = _quadratic(alpha, normal, target) < _quadratic(old, normal, target)
             refitted[part] = torch.where(better[:, None], alpha, old).view(-1, groups, self.bits)
         return refitted
 
@@ -197,6 +193,11 @@ class BinaryCoding(Quantizer):
     def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Σ α_i·(2·bit_i − 1) = Σ 2α_i·bit_i − Σ α_i
         return 2 * params.movedim(-1, 0), -params.sum(-1)
+
+
+def _quadratic(x: torch.Tensor, normal: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(n,) xᵀ·normal·x − 2·xᵀ·target per row: a least-squares error up to its constant."""
+    return (x * (normal @ x[:, :, None])[..., 0]).sum(1) - 2 * (x * target).sum(1)
 
 
 def _code_signs(bits: int, dtype: torch.dtype) -> torch.Tensor:

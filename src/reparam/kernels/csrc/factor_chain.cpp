@@ -90,7 +90,9 @@ void gemv(int isa, const float* w, const float* x, int64_t tok, int64_t in, int6
   else at::parallel_for(0, rows, grain, run);
 }
 
-bool fast_path_takes(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is_contiguous(); }
+bool fast_path_takes(const at::Tensor& t) {
+  return t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
 
 thread_local std::vector<float> codes_buffer;
 
