@@ -217,7 +217,11 @@ class _Coder:
             indices = (runs.topk(2, dim=1).indices + 4 * torch.arange(runs.shape[0])[:, None, None]).flatten(0, 1)
         else:
             indices = scores.topk(self.nnz, dim=0).indices  # (s, n)
-        sub = self.system[indices.T[:, :, None], indices.T[:, None, :]]  # (n, s, s)
+        if indices.shape[1] == 1:  # one column (the whitened fit's loop): two row gathers beat a 2-D index
+            support = indices[:, 0]
+            sub = self.system.index_select(0, support).index_select(1, support)[None]
+        else:
+            sub = self.system[indices.T[:, :, None], indices.T[:, None, :]]  # (n, s, s)
         rhs = projected.gather(0, indices).T  # (n, s)
         return torch.linalg.solve(sub, rhs).T, indices
 
