@@ -103,7 +103,11 @@ class BinaryCoding(Quantizer):
                 better = error < best_error
                 best_alpha = torch.where(better[:, None], alpha, best_alpha)
                 best_error = torch.minimum(error, best_error)
-        return pow2_round(best_alpha, self.pow2_terms) if self.pow2_terms else best_alpha
+        return self._rounded(best_alpha)
+
+    def _rounded(self, alpha: torch.Tensor) -> torch.Tensor:
+        """α as sums of powers of two when the scales are (``pow2_terms``), else as they are."""
+        return pow2_round(alpha, self.pow2_terms) if self.pow2_terms else alpha
 
     def refit_to_codes(self, weight, gram, codes, params):
         """Every row's α, all groups together, by least squares on the output error given the codes.
@@ -128,11 +132,7 @@ class BinaryCoding(Quantizer):
                                                                              groups * self.bits)
             h_weight = weight[part] @ hessian.view(groups * size, -1)  # (n, in): H w_r
             target = torch.einsum("rgki,rgk->rgi", basis, h_weight.view(-1, groups, size)).reshape(len(normal), -1)
-            ridge = 1e-9 * normal.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-            alpha = torch.linalg.solve(normal + ridge[:, None, None] * torch.eye(normal.shape[-1], dtype=normal.dtype),
-                                       target)
-            alpha = pow2_round(alpha, self.pow2_terms) if self.pow2_terms else alpha
-            alpha = alpha.to(PARAM_DTYPE).to(weight.dtype)
+            alpha = self._rounded(_ridged_solve(normal, target)).to(PARAM_DTYPE).to(weight.dtype)
             old = params[part].reshape(len(normal), -1)
             better = _quadratic(alpha, normal, target) < _quadratic(old, normal, target)
             refitted[part] = torch.where(better[:, None], alpha, old).view(-1, groups, self.bits)
@@ -185,14 +185,18 @@ class BinaryCoding(Quantizer):
         signs = _code_signs(count.shape[1].bit_length() - 1, count.dtype)  # (2^q, q)
         outer = (signs[:, :, None] * signs[:, None, :]).flatten(1)  # (2^q, q·q)
         gram = (count @ outer).view(-1, signs.shape[1], signs.shape[1])  # Σ importance·b bᵀ, (n, q, q)
-        # A tiny ridge keeps the solve defined when two planes coincide (e.g. a constant row).
-        ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-        gram = gram + ridge[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
-        return torch.linalg.solve(gram, first @ signs)
+        return _ridged_solve(gram, first @ signs)
 
     def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Σ α_i·(2·bit_i − 1) = Σ 2α_i·bit_i − Σ α_i
         return 2 * params.movedim(-1, 0), -params.sum(-1)
+
+
+def _ridged_solve(normal: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """x of (normal + ridge)·x = target, batched; a tiny ridge keeps the solve defined when two planes coincide
+    (e.g. a constant row)."""
+    ridge = 1e-9 * normal.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+    return torch.linalg.solve(normal + ridge[:, None, None] * torch.eye(normal.shape[-1], dtype=normal.dtype), target)
 
 
 def _quadratic(x: torch.Tensor, normal: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

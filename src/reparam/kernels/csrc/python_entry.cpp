@@ -1,10 +1,10 @@
 // The eager entry into the compiled kernels: one pybind call from a layer's forward (QuantizedLinear's bit-plane
-// kernels; the factorized layers' factor_chain_linear, which needs no op: it falls back to aten ops itself). Calling an op
-// through torch.ops costs the dispatcher's argument parsing (~2 µs here) and the Python autograd wrapper that
-// torch.library.register_autograd puts around it (~6 µs): together as much as a whole 384x384 layer. This
-// entry calls the kernels directly whenever autograd has nothing to record; when it must record (grad mode on
-// and x or the bias requiring grad) it calls the registered op, so training sees the same graph as before.
-// torch.compile never reaches it: bitplane_linear uses the ops while compiling, so graphs keep them whole.
+// kernels; the factorized layers' factor_chain_linear, which needs no op: it falls back to aten ops itself).
+// Calling an op through torch.ops costs the dispatcher's argument parsing (~2 µs here) and the Python autograd
+// wrapper that torch.library.register_autograd puts around it (~6 µs): together as much as a whole 384x384
+// layer. This entry calls the kernels directly whenever autograd has nothing to record; when it must record
+// (grad mode on and x or the bias requiring grad) it calls the registered op, so training sees the same graph as
+// before. torch.compile never reaches it: bitplane_linear uses the ops while compiling, so graphs keep them whole.
 #include <torch/extension.h>
 
 #include "bitplane.h"
