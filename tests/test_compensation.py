@@ -71,3 +71,11 @@ def test_steps_and_blocks_give_the_plain_column_by_column_recursion(block):
         expected[:, i] = (work[:, i] * 2).round() / 2
         work[:, i:] -= ((work[:, i] - expected[:, i]) / update[i, i])[:, None] * update[i, i:]
     torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_gram_it_is_given_is_left_as_it_was(act_order):
+    gram = gram_with_scales(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64))  # a dead channel is written over
+    before = gram.clone()
+    Compensation(gram, act_order=act_order)
+    assert torch.equal(gram, before)

@@ -273,3 +273,22 @@ def test_blocks_that_do_not_run_in_order_fall_back_to_one_pass_under_auto():
                                           r"order; block 2 ran after 0 block\(s\). Use pipeline='one_pass'"):
         reparam.convert(model, {"blocks.*": WHITENED}, calib=calib(), pipeline="sequential", progress=False)
     assert_unchanged(model, before)
+
+
+def test_converted_blocks_keep_no_forward_caches_once_they_have_run():
+    model = Stack()
+    reparam.convert(model, {"blocks.*": {"method": "dense_sparse", "atoms": 8, "nnz": 3}}, calib=calib(),
+                    pipeline="sequential", progress=False)
+    layers = [m for m in model.blocks.modules() if isinstance(m, reparam.DenseSparseLinear)]
+    assert len(layers) == 12
+    # Blocks 0 and 1 ran converted (to calibrate the next); the last one never did.
+    assert not any(m.CACHES[0] in m.__dict__ for m in layers)
+    x = torch.randn(2, 5, 16)
+    model.eval()  # the inference path, which keeps the cache
+    with torch.no_grad():
+        y = model.blocks[0](x, scale=0.5)
+        assert all(m.CACHES[0] in m.__dict__ for m in layers[:4])
+        for m in layers[:4]:
+            m.release_caches()
+        assert not any(m.CACHES[0] in m.__dict__ for m in layers[:4])
+        torch.testing.assert_close(model.blocks[0](x, scale=0.5), y, rtol=0, atol=0)

@@ -40,13 +40,17 @@ class Compensation:
         # The processing order; everything below is kept in it.
         self.order = (torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order
                       else torch.arange(hessian.shape[0]))
-        hessian = hessian[self.order][:, self.order]  # a copy: gram is left as it was
+        hessian = hessian[self.order][:, self.order] if act_order else hessian.clone()  # gram is left as it was
         self.dead = hessian.diagonal() == 0  # channels never active: any value is free
         hessian[self.dead, self.dead] = 1
         hessian.diagonal().add_(DAMP * hessian.diagonal().mean())
         # Upper Cholesky factor of H⁻¹: row j holds the update that column j's
-        # error spreads over the columns after it (GPTQ's Cholesky form).
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+        # error spreads over the columns after it (GPTQ's Cholesky form). Each
+        # (in, in) step frees the one before it: at most two are alive at once.
+        lower = torch.linalg.cholesky(hessian)
+        del hessian
+        inverse = torch.cholesky_inverse(lower)
+        del lower
         self.update = torch.linalg.cholesky(inverse, upper=True)
 
     @property

@@ -80,13 +80,14 @@ class Whitening(InputSpace):
 
     def __init__(self, gram: torch.Tensor):
         gram = gram.to(torch.float64)
-        gram = (gram + gram.T) / 2
-        ridge = self.RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-        chol, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+        shifted = (gram + gram.T) / 2  # shifted on its diagonal in place: no (in, in) identity
+        ridge = self.RIDGE * shifted.diagonal().mean().clamp_min(1e-12)
+        shifted.diagonal().add_(ridge)
+        chol, info = torch.linalg.cholesky_ex(shifted)
         if info != 0:
-            shift = (-torch.linalg.eigvalsh(gram)[0]).clamp_min(0) + ridge
-            chol = torch.linalg.cholesky(gram + shift * eye)
+            lowest = torch.linalg.eigvalsh(shifted)[0] - ridge
+            shifted.diagonal().add_((-lowest).clamp_min(0))
+            chol = torch.linalg.cholesky(shifted)
         self.chol = chol  # (in, in) lower triangular L
 
     def whiten(self, weight: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,9 @@ class ReparamModule(nn.Module, abc.ABC):
     # rows, so that a distributed conversion may fit a costly layer in row
     # slices on several ranks and put them together. None: rows are fitted jointly.
     ROW_DIMS: ClassVar[Mapping[str, int] | None] = None
+    # Attributes (in the instance __dict__) where the forward keeps tensors it derived
+    # from θ for speed; see ``release_caches``.
+    CACHES: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: MethodConfig, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -86,6 +89,14 @@ class ReparamModule(nn.Module, abc.ABC):
     def weight(self) -> torch.Tensor:
         """The dense weight, for code that reads ``layer.weight`` (computed, not stored)."""
         return self.materialize()
+
+    def release_caches(self) -> None:
+        """Drop what the forward derived and kept for speed (the names in ``CACHES``;
+        rebuilt on the next call). The conversion pipeline calls it on each block it
+        has run, so derived copies (dense_sparse's dense S: k·in floats a layer) do
+        not pile up across a model's blocks during conversion."""
+        for name in self.CACHES:
+            self.__dict__.pop(name, None)
 
     def to_linear(self) -> nn.Linear:
         """Bake θ back into a plain ``nn.Linear`` (like peft's ``merge_and_unload``)."""

@@ -23,6 +23,7 @@ from ..kernels.bitplane import bitplane_linear, decode_weight, planes_from_codes
 from ..progress import progress_bar
 
 FITS = ("auto", "rtn", "gptq")
+LINEAR_FORM_CACHE = "_linear_form_cache"  # the kernels' coefficients, kept per params tensor (``_cached_linear_form``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +191,7 @@ class QuantizedLinear(ReparamModule):
 
     # Every fit (round-to-nearest, compensated) quantizes each output row on its own, given the Hessian.
     ROW_DIMS = {"planes": 2, "params": 0, "bias": 0}
+    CACHES = (LINEAR_FORM_CACHE,)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantizedConfig, *,
                  device=None, dtype=None):
@@ -237,12 +239,12 @@ class QuantizedLinear(ReparamModule):
             # Inference tensors (a layer built under torch.inference_mode) keep no version counter: an in-place
             # change could not be seen, so nothing is cached.
             return self._kernel_linear_form()
-        cached = self.__dict__.get("_linear_form_cache")
+        cached = self.__dict__.get(LINEAR_FORM_CACHE)
         # a new tensor, an in-place change, or a move (a new address) each invalidate the cache
         if cached is None or cached[0] is not params or cached[1] != params._version or \
                 cached[2] != params.data_ptr():
             cached = (params, params._version, params.data_ptr(), self._kernel_linear_form())
-            self.__dict__["_linear_form_cache"] = cached
+            self.__dict__[LINEAR_FORM_CACHE] = cached
         return cached[3]
 
     def _kernel_linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from ..core.registry import register_wrapper
 ALS_ROUNDS = 15  # alternating rounds; at 4 bits fidelity stops improving after about 15
 # The size-budget allocator's cheap scores (``cheap``): the candidates it refits for real are chosen from these.
 CHEAP_ALS_ROUNDS = 3
-REFIT_ROWS = 32  # rows whose scales are refitted at once: bounds the (rows, in, groups·bits) float64 temporaries
+REFIT_ROWS = 8  # rows whose scales are refitted at once: bounds the (rows, in, groups·bits) float64 temporaries
 FP16_SPAN = 10  # fp16 holds 11 significant bits: terms more than 10 octaves below the first are dropped
 
 
