@@ -19,9 +19,9 @@
 namespace reparam {
 namespace {
 
-// One body, compiled for AVX-512, AVX2 and baseline x86 and picked at load time: the loops below are
-// contiguous row updates that the compiler vectorizes when the target allows it.
-#if defined(__x86_64__) && defined(__GNUC__)
+// One body, compiled for AVX-512, AVX2 and baseline x86 and picked at load time (an ifunc: Linux only): the
+// loops below are contiguous row updates that the compiler vectorizes when the target allows it.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define REPARAM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define REPARAM_VECTOR_CLONES
