@@ -17,6 +17,8 @@ and a backward in torch, so layers keep training through them):
 - ``bitplane_lut(x, planes, coef, offset, group_size, bias)``: few tokens.
 - ``bitplane_decode_mm(x, planes, coef, offset, group_size, bias)``: many tokens.
 - ``dense_sparse_linear(x, d, values, indices, bias)``: few tokens.
+- ``sparse_codes_compensated(...)``: not a forward; dense_sparse's whitened
+  code step (``sparse_code.py``), no fake kernel or backward.
 - ``set_isa_limit(level) -> previous``, ``cpu_isa()``: the instruction set the
   LUT uses (0 scalar, 1 AVX2, 2 AVX-512); tests cap it to reach every path.
 """
