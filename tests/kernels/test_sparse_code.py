@@ -1,5 +1,7 @@
 """dense_sparse's compensated code step: the compiled op against its torch definition
 (``Compensation.run`` calling the column code in Python)."""
+from unittest import mock
+
 import pytest
 import torch
 
@@ -22,17 +24,9 @@ def problem(out_features, atoms, nnz, columns, seed, dead=()):
 
 
 def python_codes(projected, compensation, coder):
-    """The definition: the torch loop, whatever the extension."""
-    values = projected.new_empty(coder.nnz, projected.shape[1])
-    indices = torch.empty(coder.nnz, projected.shape[1], dtype=torch.int64)
-
-    def approximate(col, pending):
-        values[:, col], indices[:, col], approximation = sparse_code_column_reference(
-            pending[:, 0], coder.contribution, coder.system, coder.gram, coder.nnz)
-        return approximation
-
-    compensation.run(projected, approximate)
-    return values, indices
+    """The definition: ``Compensation.run`` with the column code in torch, whatever the extension."""
+    with mock.patch("reparam.kernels.sparse_code.compiled_ops", lambda: None):
+        return compensated_codes(projected, compensation, coder)
 
 
 def compiled_codes(projected, compensation, coder, block=BLOCK, step=STEP):
@@ -60,12 +54,12 @@ def test_matches_the_torch_loop(act_order, out_features, atoms, nnz, columns):
     assert_same_codes(compiled_codes(projected, compensation, coder, block=8, step=3), want, dead=[1])
 
 
-def test_the_layer_fit_takes_the_compiled_op_and_falls_back_to_the_loop(monkeypatch):
+def test_the_layer_fit_takes_the_compiled_op():
     projected, gram, coder = problem(40, 16, 6, 30, seed=5)
     compensation = Compensation(gram)
-    compiled = compensated_codes(projected, compensation, coder)
-    monkeypatch.setattr("reparam.kernels.sparse_code.compiled_ops", lambda: None)
-    assert_same_codes(compiled, compensated_codes(projected, compensation, coder))
+    with mock.patch("reparam.kernels.sparse_code.Compensation.run", side_effect=AssertionError("the torch loop ran")):
+        got = compensated_codes(projected, compensation, coder)
+    assert_same_codes(got, python_codes(projected, compensation, coder))
 
 
 def test_values_are_least_squares_on_the_support():

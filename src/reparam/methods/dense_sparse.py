@@ -33,6 +33,7 @@ from torch import nn
 from ..core.compensation import Compensation
 from ..core.config import ConfigError, MethodConfig, check_budget, check_choice, check_flag
 from ..core.factorizer import Factorizer, Identity, TruncatedSVD, Whitening, factor_budget
+from ..core.linalg import ridged_solve
 from ..core.module import ReparamModule
 from ..core.registry import register_wrapper
 from ..core.stats import LayerStats
@@ -183,9 +184,7 @@ class SparseDictionary(Factorizer):
     def dictionary(weight, sparse, gram):
         """argmin_D ‖(W − D·S)L‖_F = W G Sᵀ (S G Sᵀ)⁻¹ (G = I when ``gram`` is None)."""
         sg = sparse if gram is None else sparse @ gram
-        lhs = sg @ sparse.T
-        lhs.diagonal().add_(1e-9 * lhs.diagonal().mean().clamp_min(1e-30))  # atoms no column uses
-        return torch.linalg.solve(lhs, (weight @ sg.T).T).T
+        return ridged_solve(sg @ sparse.T, (weight @ sg.T).T).T  # the ridge: atoms no column uses
 
 
 def _error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None) -> float:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..core.config import ConfigError
 from ..core.factorizer import Identity, TruncatedSVD, Whitening
+from ..core.linalg import ridged_solve
 from ..core.module import ReparamModule
 from ..core.quantized import ComposedConfig, QuantizedLinear
 from ..core.registry import register_wrapper
@@ -73,8 +74,7 @@ class QuantizedLowRankLinear(ReparamModule):
         self.v.fit(v, stats)
         v_hat = self.v.materialize().to(torch.float64)  # (r, in)
         inner = v_hat @ gram @ v_hat.T  # (r, r): Gram of the inputs U sees
-        inner.diagonal().add_(1e-9 * inner.diagonal().mean().clamp_min(1e-30))
-        u = torch.linalg.solve(inner, v_hat @ gram @ weight.T).T  # W G V̂ᵀ (V̂ G V̂ᵀ)⁻¹
+        u = ridged_solve(inner, v_hat @ gram @ weight.T).T  # W G V̂ᵀ (V̂ G V̂ᵀ)⁻¹
         self.u.fit(u, LayerStats(gram=inner, abs_sum=torch.zeros(self.rank, dtype=torch.float64),
                                  count=stats.count if stats is not None else 0) if stats is not None else None)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError, check_choice
+from ..core.linalg import ridged_solve
 from ..core.quantized import QuantizedConfig, QuantizedLinear
 from ..core.quantizer import PARAM_DTYPE, Quantizer
 from ..core.registry import register_wrapper
@@ -132,7 +133,7 @@ class BinaryCoding(Quantizer):
                                                                              groups * self.bits)
             h_weight = weight[part] @ hessian.view(groups * size, -1)  # (n, in): H w_r
             target = torch.einsum("rgki,rgk->rgi", basis, h_weight.view(-1, groups, size)).reshape(len(normal), -1)
-            alpha = self._rounded(_ridged_solve(normal, target)).to(PARAM_DTYPE).to(weight.dtype)
+            alpha = self._rounded(ridged_solve(normal, target)).to(PARAM_DTYPE).to(weight.dtype)
             old = params[part].reshape(len(normal), -1)
             better = _quadratic(alpha, normal, target) < _quadratic(old, normal, target)
             refitted[part] = torch.where(better[:, None], alpha, old).view(-1, groups, self.bits)
@@ -185,18 +186,11 @@ class BinaryCoding(Quantizer):
         signs = _code_signs(count.shape[1].bit_length() - 1, count.dtype)  # (2^q, q)
         outer = (signs[:, :, None] * signs[:, None, :]).flatten(1)  # (2^q, q·q)
         gram = (count @ outer).view(-1, signs.shape[1], signs.shape[1])  # Σ importance·b bᵀ, (n, q, q)
-        return _ridged_solve(gram, first @ signs)
+        return ridged_solve(gram, first @ signs)
 
     def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Σ α_i·(2·bit_i − 1) = Σ 2α_i·bit_i − Σ α_i
         return 2 * params.movedim(-1, 0), -params.sum(-1)
-
-
-def _ridged_solve(normal: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """x of (normal + ridge)·x = target, batched; a tiny ridge keeps the solve defined when two planes coincide
-    (e.g. a constant row)."""
-    ridge = 1e-9 * normal.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
-    return torch.linalg.solve(normal + ridge[:, None, None] * torch.eye(normal.shape[-1], dtype=normal.dtype), target)
 
 
 def _quadratic(x: torch.Tensor, normal: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
