@@ -8,6 +8,7 @@ load: "dense" is that dequantized model.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_llm.py                        # the whole table (hours today)
     python benchmarks/bench_llm.py --methods dense affine-4 --pipelines sequential --windows 8 --calib 8
+    python benchmarks/bench_llm.py --methods shift_add-3 --pipelines sequential --tune --threads 2
     python benchmarks/bench_llm.py --list
 """
 from __future__ import annotations
@@ -76,12 +77,13 @@ def worker(job: dict) -> dict:
     model = harness.fresh_model()
     gc.collect()
     loaded = psutil.Process().memory_info().rss
-    row = {"config": job["name"], "pipeline": job["pipeline"] or "-"}
+    row = {"config": job["name"], "pipeline": job["pipeline"] or "-", "tune": job["tune"]}
     if job["recipe"] is not None:
         with PeakRss() as peak:
             start = time.perf_counter()
             report = reparam.convert(model, {harness.layers: job["recipe"]}, calib=harness.calib,
-                                     pipeline=job["pipeline"], progress=False)
+                                     pipeline=job["pipeline"], progress=False,
+                                     tune=reparam.BlockTuning(epochs=job["tune"]) if job["tune"] else None)
             row["convert_s"] = round(time.perf_counter() - start, 1)
         row["size_vs_fp32"] = round(report.bytes_after / report.bytes_before, 4)
         row["peak_rss_mib"] = round(peak.peak / 2**20)
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per configuration")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
+    parser.add_argument("--tune", type=int, nargs="?", const=2, default=0, metavar="EPOCHS",
+                        help="tune each block to its dense output (reparam.tuning) for EPOCHS epochs (2)")
     parser.add_argument("--out", default="llm", help="results/<out>.json and .md")
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -117,7 +121,7 @@ def main() -> None:
     for name in args.methods:
         for pipeline in ([None] if CONFIGS[name] is None else args.pipelines):
             job = {"name": name, "recipe": CONFIGS[name], "pipeline": pipeline, "windows": args.windows,
-                   "calib": args.calib, "threads": args.threads}
+                   "calib": args.calib, "threads": args.threads, "tune": args.tune}
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             try:
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,
@@ -139,7 +143,7 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
 
     torch.set_num_threads(args.threads)  # so the results name the threads the workers used
 
-    keys = ["config", "pipeline", "perplexity", "size_vs_fp32", "convert_s", "peak_rss_mib", "peak_over_loaded",
+    keys = ["config", "pipeline", "tune", "perplexity", "size_vs_fp32", "convert_s", "peak_rss_mib", "peak_over_loaded",
             "loaded_rss_mib", "eval_s", "error"]
     table = [{k: row.get(k, "-") for k in keys if any(k in r for r in rows)} for row in rows]
     command = "python benchmarks/bench_llm.py " + " ".join(sys.argv[1:])

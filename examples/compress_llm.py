@@ -3,6 +3,7 @@
     python examples/compress_llm.py                          # affine 4-bit GPTQ, block by block
     python examples/compress_llm.py --recipe my.yaml         # your own recipe
     python examples/compress_llm.py --save smollm2-4bit      # also save_pretrained + reload
+    python examples/compress_llm.py --tune 2                 # tune each block to its dense output, 2 epochs
 
 Prints the per-layer report, perplexity on held-out text before and after,
 greedy-decoding speed (tokens/s) before and after, and a few generated tokens
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows of 256 tokens")
     parser.add_argument("--tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--pipeline", default="auto", choices=["auto", "sequential", "one_pass"])
+    parser.add_argument("--tune", type=int, default=0, metavar="EPOCHS",
+                        help="tune each converted block to the dense block's output for EPOCHS epochs "
+                             "(reparam.BlockTuning; 0: off)")
     parser.add_argument("--save", help="save_pretrained the compressed model to this folder and reload it")
     args = parser.parse_args()
 
@@ -75,7 +79,8 @@ def main() -> None:
     print(f"dense:      perplexity {before:.2f}, {speed_before:.1f} tokens/s\n  {PROMPT!r} → {text!r}")
 
     start = time.perf_counter()
-    report = reparam.convert(model, args.recipe or DEFAULT_RECIPE, calib=harness.calib, pipeline=args.pipeline)
+    report = reparam.convert(model, args.recipe or DEFAULT_RECIPE, calib=harness.calib, pipeline=args.pipeline,
+                             tune=reparam.BlockTuning(epochs=args.tune) if args.tune else None)
     seconds = time.perf_counter() - start
     print(report)
     after = harness.perplexity(model)

@@ -25,13 +25,14 @@ from .methods.scale_vector import ScaleVectorConfig
 from .methods.shift_add import ShiftAddConfig, ShiftAddLinear
 from .recipe import parse_recipe
 from .report import ConversionReport, LayerReport
+from .tuning import BlockTuning
 
 __version__ = "0.1.0"
 
 integrations.register_hf_when_imported()  # see reparam.integrations: transformers is never imported here
 
 __all__ = [
-    "AffineConfig", "AffineLinear", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "FileFormatError", "LayerReport", "LayerStats",
+    "AffineConfig", "AffineLinear", "BlockTuning", "CompanderConfig", "DenseSparseConfig", "DenseSparseLinear", "ConfigError", "ConversionReport", "Factorizer", "FileFormatError", "LayerReport", "LayerStats",
     "LowRankConfig", "LowRankLinear", "MethodConfig", "Quantizer", "ReparamModule", "ScaleVectorConfig", "ShiftAddConfig", "ShiftAddLinear",
     "apply", "collect_stats", "convert", "fold", "converted_modules", "get_method", "known_methods", "load",
     "optim", "parse_recipe", "plan_conversion", "save",

@@ -18,6 +18,7 @@ from .core.stats import LayerStats
 from .pipeline import run_pipeline, with_configs
 from .recipe import RecipeLike, Rule, parse_recipe
 from .report import ConversionReport
+from .tuning import BlockTuning
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ class Planned:
 
 def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = None, *,
             strict: bool = True, progress: bool = True, pipeline: str = "auto",
-            sequential_targets: str | None = None, group: Any = None) -> ConversionReport:
+            sequential_targets: str | None = None, group: Any = None,
+            tune: BlockTuning | bool | None = None) -> ConversionReport:
     """Reparameterize the modules of ``model`` that ``recipe`` selects, in place.
 
     Everything is validated before the model is touched: the recipe, every
@@ -67,6 +69,12 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
             :mod:`reparam.distributed`); by default the initialized default
             group, if any has more than one rank. Each rank passes its own
             shard of the calibration data; every rank ends with the same model.
+        tune: after each block is fitted, tune its layers' continuous tensors
+            (scales, factors) together for the block's output to match the
+            dense block's on the calibration data (:mod:`reparam.tuning`):
+            True for the defaults, or a :class:`reparam.BlockTuning`. Needs
+            block-by-block conversion. The report's output errors are the
+            fits', before tuning.
 
     Returns:
         A :class:`ConversionReport`; ``print(report)`` shows a table with totals.
@@ -84,7 +92,8 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
     logger.info("converting %d modules (%s)%s", len(plan), ", ".join(sorted({p.method.name for p in plan})),
                 f" on {collective.world} ranks" if collective else "")
     rows = run_pipeline(model, plan, calib, _resolve, pipeline=pipeline, sequential_targets=sequential_targets,
-                        progress=progress and (collective is None or collective.rank == 0), collective=collective)
+                        progress=progress and (collective is None or collective.rank == 0), collective=collective,
+                        tuning=BlockTuning.of(tune))
     integrations.converted(model)  # a transformers model: save_pretrained writes it compressed
     return ConversionReport(rows, untouched=untouched, communicated=collective.bytes_moved if collective else 0)
 

@@ -37,6 +37,7 @@ from .progress import progress_bar
 from .report import LayerReport
 from .sensitivity import collect_sensitivity
 from .swap import ModuleSwaps
+from .tuning import BlockTuning, tune_block
 
 logger = logging.getLogger(__name__)
 PIPELINES = ("auto", "sequential", "sequential_dense", "one_pass")
@@ -72,7 +73,8 @@ class _StopForward(Exception):
 
 def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, resolve: Resolve, *,
                  pipeline: str = "auto", sequential_targets: str | None = None,
-                 progress: bool = True, collective: Collective | None = None) -> list[LayerReport]:
+                 progress: bool = True, collective: Collective | None = None,
+                 tuning: BlockTuning | None = None) -> list[LayerReport]:
     """Fit and swap every item of ``plan`` (all or nothing) and return its report rows, in plan order.
 
     ``pipeline``: "sequential" needs calibration data and a block stack (found
@@ -86,6 +88,9 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     ``collective``: the ranks of a distributed conversion (``reparam.distributed``):
     statistics are summed over the ranks' calibration shards, each rank fits
     its share of every stage's layers, and the fitted tensors are broadcast.
+
+    ``tuning``: after each block is fitted, its fitted tensors are tuned to the
+    dense block's outputs (``reparam.tuning``); needs a block-by-block pipeline.
     """
     if pipeline not in PIPELINES:
         raise ConfigError(f"pipeline={pipeline!r} is not one of {list(PIPELINES)}")
@@ -102,6 +107,15 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
                   "found no stack of repeated blocks holding calibrated layers; name it with "
                   "sequential_targets='<ModuleList path or block class>'")
         raise ConfigError(f"pipeline={pipeline!r} {reason}, or use pipeline='one_pass'")
+    if tuning is not None and not blocks:
+        reason = ("pipeline='one_pass' converts every layer at once" if pipeline == "one_pass" else
+                  "it needs calibration data (calib=) and a config that uses it" if not calibrated else
+                  "no stack of repeated blocks holding calibrated layers was found; name it with "
+                  "sequential_targets='<ModuleList path or block class>'")
+        raise ConfigError(f"tune= tunes each converted block to the dense block's outputs, but {reason}; "
+                          "convert block by block or drop tune=")
+    if tuning is not None and collective is not None:
+        raise ConfigError("tune= is not supported in a distributed conversion (group=); drop one of them")
     allocating = _allocators(plan) if calibrated else {}
     ranked = {p.name: p.module for p in plan if id(p.config) in allocating}
     sensitivity: dict[str, torch.Tensor] = {}
@@ -117,9 +131,9 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
             batches = list(calib)
             try:
                 _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, propagate=propagate,
-                            collective=collective, sensitivity=sensitivity)
+                            collective=collective, sensitivity=sensitivity, tuning=tuning)
             except BlockOrderError:  # the same model on every rank: each rank raises it, and each falls back
-                if pipeline != "auto":
+                if pipeline != "auto" or tuning is not None:
                     raise
                 _one_pass(model, plan, batches, resolve, swaps, rows, progress, collective)  # nothing swapped yet
         else:
@@ -209,7 +223,8 @@ def _one_pass(model, plan, calib, resolve, swaps, rows, progress, collective=Non
 
 
 def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *, propagate: bool,
-                collective: Collective | None = None, sensitivity: dict[str, torch.Tensor] | None = None) -> None:
+                collective: Collective | None = None, sensitivity: dict[str, torch.Tensor] | None = None,
+                tuning: BlockTuning | None = None) -> None:
     last = max(i for i, (prefix, _) in enumerate(blocks) if any(_inside(p.name, prefix) for p in plan))
     blocks = blocks[:last + 1]  # the blocks after the last target need no pass
     calls = step(collective, lambda: capture_block_inputs(model, batches, [block for _, block in blocks]))
@@ -225,11 +240,11 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
     for i, ((_, block), items) in enumerate(progress_bar(list(zip(blocks, stages)), desc="converting blocks",
                                                           disable=not progress)):
         wanted = {p.name: p.module for p in items if p.config.uses_calibration()}
+        keep = not propagate or tuning is not None  # the dense block's outputs: next inputs, or tuning's targets
 
         def calibrate():
             with StatsCollector(wanted) as collector:
-                outputs = _block_outputs(block, hidden, calls, i, collector, keep=not propagate) \
-                    if wanted or not propagate else None
+                outputs = _block_outputs(block, hidden, calls, i, collector, keep=keep) if wanted or keep else None
             return collector.stats(), outputs
 
         stats, unconverted = step(collective, calibrate)
@@ -242,9 +257,24 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
         logger.info("block %d/%d (%s): %d layers fitted in %.1f s", i + 1, len(blocks), blocks[i][0], len(items),
                     time.perf_counter() - start)
         del stats  # this block's statistics are freed before the next block's are collected
+        tuned = None
+        if tuning is not None:
+            start = time.perf_counter()
+            inputs = [(x, tuple(call[i].args[1:]), call[i].kwargs, call[i].mask) for x, call in zip(hidden, calls)]
+            tuned = tune_block(block, inputs, unconverted, tuning)
+            del inputs
+            if tuned is not None:
+                logger.info("block %d/%d (%s): tuned in %.1f s, output error %.4g -> %.4g", i + 1, len(blocks),
+                            blocks[i][0], time.perf_counter() - start, tuned.before, tuned.after)
         if i + 1 < len(blocks):
-            hidden = step(collective, lambda: _block_outputs(block, hidden, calls, i)) if propagate else unconverted
+            if not propagate:
+                hidden = unconverted
+            elif tuned is not None:  # tuning ran the block as kept
+                hidden = tuned.outputs
+            else:
+                hidden = step(collective, lambda: _block_outputs(block, hidden, calls, i))
             _release_caches(block)
+        unconverted = tuned = None  # freed before the next block's are made
     del hidden, calls
     if outside:
         _one_pass(model, outside, batches, resolve, swaps, rows, progress, collective)

@@ -32,6 +32,9 @@ class ReparamModule(nn.Module, abc.ABC):
     # Attributes (in the instance __dict__) where the forward keeps tensors it derived
     # from θ for speed; see ``release_caches``.
     CACHES: ClassVar[tuple[str, ...]] = ()
+    # Floating-point tensors of θ that block-output tuning may adjust after the fit (``reparam.tuning``);
+    # the rest (codes, supports, indices) stay as fitted.
+    TUNABLE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: MethodConfig, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -77,13 +80,28 @@ class ReparamModule(nn.Module, abc.ABC):
         has already checked keys, shapes, dtypes and finiteness; subclasses
         check what indexes or scales (e.g. indices within range)."""
 
+    def stored_value(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` for tensor ``name`` (one of ``TUNABLE``) as it would be stored: what the forward sees."""
+        return value.to(getattr(self, name).dtype)
+
+    def tuning_step(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The size of tensor ``name``'s values (``value``, float32), broadcastable to it: block tuning's steps
+        are a fraction of it. By default its mean |value|."""
+        return value.abs().mean()
+
     @abc.abstractmethod
     def materialize(self) -> torch.Tensor:
         """The dense (out, in) weight in the layer's dtype."""
 
+    def differentiable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward in plain torch operations, which autograd follows back to θ (block tuning,
+        ``reparam.tuning``; the compressed kernels of ``forward`` need not be differentiable).
+        By default F.linear of ``materialize()``."""
+        return F.linear(x, self.materialize(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Reference path; subclasses override it with the compressed one.
-        return F.linear(x, self.materialize(), self.bias)
+        return self.differentiable_forward(x)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -192,6 +192,7 @@ class QuantizedLinear(ReparamModule):
     # Every fit (round-to-nearest, compensated) quantizes each output row on its own, given the Hessian.
     ROW_DIMS = {"planes": 2, "params": 0, "bias": 0}
     CACHES = (LINEAR_FORM_CACHE,)
+    TUNABLE = ("params",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: QuantizedConfig, *,
                  device=None, dtype=None):
@@ -215,6 +216,14 @@ class QuantizedLinear(ReparamModule):
         codes = nn.functional.pad(codes, (0, self.padded_in_features - self.in_features))
         self.planes.copy_(planes_from_codes(codes, self.config.bits))
         self.params.copy_(params)
+
+    def stored_value(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.round_params(value).to(PARAM_DTYPE)
+
+    def tuning_step(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        # The P parameters of a group are of different kinds (affine's scale and zero point; shift_add's α_i, each
+        # about half the one before): one size per kind.
+        return value.abs().mean((0, 1))
 
     def linear_form(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(coef (bits, out, groups), offset (out, groups)) in float32; see ``kernels.bitplane``."""

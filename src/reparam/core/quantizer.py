@@ -62,6 +62,10 @@ class Quantizer(abc.ABC):
     def linear_form(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(coef (bits, ...), offset (...)) of params (..., P): level(c) = Σ_i coef_i·bit_i(c) + offset."""
 
+    def round_params(self, params: torch.Tensor) -> torch.Tensor:
+        """Params as the quantizer's format allows them (before the fp16 cast); by default any value."""
+        return params
+
     def encode(self, params: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Code of the level nearest to each weight (n, columns), given params (n, P) (one group per row)."""
         return nearest(self.levels(params), weight)

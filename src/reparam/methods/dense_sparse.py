@@ -266,6 +266,7 @@ class DenseSparseLinear(ReparamModule):
     """
 
     CACHES = (DENSE_S_CACHE,)
+    TUNABLE = ("d", "values")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: DenseSparseConfig, *,
                  device=None, dtype=None):
@@ -312,9 +313,13 @@ class DenseSparseLinear(ReparamModule):
     def materialize(self) -> torch.Tensor:
         return self.d @ self.sparse()
 
+    def differentiable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Two thin products, as the layer runs: D·S costs more than the layer's forward on a few hundred tokens.
+        return F.linear(F.linear(x, self.sparse()), self.d, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return F.linear(F.linear(x, self.sparse()), self.d, self.bias)
+            return self.differentiable_forward(x)
         if x.device.type == "cpu" and not (torch.is_grad_enabled() and self.values.requires_grad):
             # Inference on CPU: two GEMMs with S kept dense (k·in more floats in memory, built once per packed
             # S). Scattering the s·in products costs a read-modify-write each and was slower than the dense

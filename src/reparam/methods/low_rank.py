@@ -15,6 +15,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import ConfigError, MethodConfig, check_budget, check_choice, check_range
@@ -87,6 +88,8 @@ def input_space(config: LowRankConfig, stats: LayerStats | None) -> InputSpace:
 class LowRankLinear(ReparamModule):
     """``nn.Linear`` with W = U·V; the forward runs the two thin matmuls."""
 
+    TUNABLE = ("u", "v")
+
     def __init__(self, in_features: int, out_features: int, bias: bool, config: LowRankConfig, *,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, config, device=device, dtype=dtype)
@@ -101,6 +104,9 @@ class LowRankLinear(ReparamModule):
 
     def materialize(self) -> torch.Tensor:
         return self.u @ self.v
+
+    def differentiable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return factor_chain_linear(x, self.v, self.u, self.bias)

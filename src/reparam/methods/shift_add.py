@@ -104,9 +104,9 @@ class BinaryCoding(Quantizer):
                 better = error < best_error
                 best_alpha = torch.where(better[:, None], alpha, best_alpha)
                 best_error = torch.minimum(error, best_error)
-        return self._rounded(best_alpha)
+        return self.round_params(best_alpha)
 
-    def _rounded(self, alpha: torch.Tensor) -> torch.Tensor:
+    def round_params(self, alpha: torch.Tensor) -> torch.Tensor:
         """α as sums of powers of two when the scales are (``pow2_terms``), else as they are."""
         return pow2_round(alpha, self.pow2_terms) if self.pow2_terms else alpha
 
@@ -133,7 +133,7 @@ class BinaryCoding(Quantizer):
                                                                              groups * self.bits)
             h_weight = weight[part] @ hessian.view(groups * size, -1)  # (n, in): H w_r
             target = torch.einsum("rgki,rgk->rgi", basis, h_weight.view(-1, groups, size)).reshape(len(normal), -1)
-            alpha = self._rounded(ridged_solve(normal, target)).to(PARAM_DTYPE).to(weight.dtype)
+            alpha = self.round_params(ridged_solve(normal, target)).to(PARAM_DTYPE).to(weight.dtype)
             old = params[part].reshape(len(normal), -1)
             better = _quadratic(alpha, normal, target) < _quadratic(old, normal, target)
             refitted[part] = torch.where(better[:, None], alpha, old).view(-1, groups, self.bits)

