@@ -125,14 +125,11 @@ def tune_block(block: nn.Module, inputs: list[tuple[torch.Tensor, tuple, dict, t
             order = torch.randperm(len(inputs), generator=generator).tolist()
             for first in range(0, len(order), tuning.batches_per_step):
                 chosen = order[first:first + tuning.batches_per_step]
-                # One batch's graph at a time, its gradient added up; autograd.grad, not backward, so the
+                # One batch's graph at a time, its gradient added up; only into the δ (inputs=), so the
                 # block's own parameters (norms, the bias) get no .grad.
-                grads = [torch.zeros_like(delta) for delta in parameters]
+                optimizer.zero_grad()
                 for i in chosen:
-                    for total, grad in zip(grads, torch.autograd.grad(error(i, run(i)) / len(chosen), parameters)):
-                        total += grad
-                for delta, grad in zip(parameters, grads):
-                    delta.grad = grad
+                    torch.autograd.backward(error(i, run(i)) / len(chosen), inputs=parameters)
                 optimizer.step()
         after, outputs = evaluate(keep=True)
         if not after < before:  # NaN too: a step that overflowed
