@@ -9,6 +9,8 @@ load: "dense" is that dequantized model.
     OMP_NUM_THREADS=1 python benchmarks/bench_llm.py                        # the whole table (hours today)
     python benchmarks/bench_llm.py --methods dense affine-4 --pipelines sequential --windows 8 --calib 8
     python benchmarks/bench_llm.py --methods shift_add-3 --pipelines sequential --tune --threads 2
+    python benchmarks/bench_llm.py --methods low_rank-0.8 --pipelines sequential --tune 4 --tune-lr 3e-3 \
+        --tune-batches 1 --threads 2
     python benchmarks/bench_llm.py --list
 """
 from __future__ import annotations
@@ -77,13 +79,16 @@ def worker(job: dict) -> dict:
     model = harness.fresh_model()
     gc.collect()
     loaded = psutil.Process().memory_info().rss
-    row = {"config": job["name"], "pipeline": job["pipeline"] or "-", "tune": job["tune"]}
+    tuning = reparam.BlockTuning(epochs=job["tune"], lr=job["tune_lr"], batches_per_step=job["tune_batches"]) \
+        if job["tune"] else None
+    row = {"config": job["name"], "pipeline": job["pipeline"] or "-",
+           "tune": f"{tuning.epochs} (lr {tuning.lr:g}, {tuning.batches_per_step}/step)" if tuning else 0}
     if job["recipe"] is not None:
         with PeakRss() as peak:
             start = time.perf_counter()
             report = reparam.convert(model, {harness.layers: job["recipe"]}, calib=harness.calib,
                                      pipeline=job["pipeline"], progress=False,
-                                     tune=reparam.BlockTuning(epochs=job["tune"]) if job["tune"] else None)
+                                     tune=tuning)
             row["convert_s"] = round(time.perf_counter() - start, 1)
         row["size_vs_fp32"] = round(report.bytes_after / report.bytes_before, 4)
         row["peak_rss_mib"] = round(peak.peak / 2**20)
@@ -106,6 +111,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--tune", type=int, nargs="?", const=2, default=0, metavar="EPOCHS",
                         help="tune each block to its dense output (reparam.tuning) for EPOCHS epochs (2)")
+    parser.add_argument("--tune-lr", type=float, default=1e-2, metavar="LR", help="BlockTuning.lr (1e-2)")
+    parser.add_argument("--tune-batches", type=int, default=4, metavar="N", help="BlockTuning.batches_per_step (4)")
     parser.add_argument("--out", default="llm", help="results/<out>.json and .md")
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -121,7 +128,8 @@ def main() -> None:
     for name in args.methods:
         for pipeline in ([None] if CONFIGS[name] is None else args.pipelines):
             job = {"name": name, "recipe": CONFIGS[name], "pipeline": pipeline, "windows": args.windows,
-                   "calib": args.calib, "threads": args.threads, "tune": args.tune}
+                   "calib": args.calib, "threads": args.threads, "tune": args.tune,
+                   "tune_lr": args.tune_lr, "tune_batches": args.tune_batches}
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             try:
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,

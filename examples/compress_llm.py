@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="tokens to generate")
     parser.add_argument("--pipeline", default="auto", choices=["auto", "sequential", "one_pass"])
     parser.add_argument("--tune", type=int, default=0, metavar="EPOCHS",
-                        help="tune each converted block to the dense block's output for EPOCHS epochs "
+                        help="tune each converted block to the dense model's hidden states for EPOCHS epochs "
                              "(reparam.BlockTuning; 0: off)")
     parser.add_argument("--save", help="save_pretrained the compressed model to this folder and reload it")
     args = parser.parse_args()

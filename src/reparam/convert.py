@@ -71,7 +71,8 @@ def convert(model: nn.Module, recipe: RecipeLike, calib: Iterable[Any] | None = 
             shard of the calibration data; every rank ends with the same model.
         tune: after each block is fitted, tune its layers' continuous tensors
             (scales, factors) together for the block's output to match the
-            dense block's on the calibration data (:mod:`reparam.tuning`):
+            dense model's hidden state there, on the calibration data
+            (:mod:`reparam.tuning`):
             True for the defaults, or a :class:`reparam.BlockTuning`. Needs
             block-by-block conversion. The report's output errors are the
             fits', before tuning.

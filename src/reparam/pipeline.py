@@ -32,7 +32,7 @@ from .core.module import ReparamModule, linear_shape, linear_weight, row_slice, 
 from .core.registry import get_method
 from .core.stats import LayerStats, relative_error
 from .distributed import SPLIT, Collective, step
-from .heap import release_free_memory
+from .heap import bounded_heap, release_free_memory
 from .progress import progress_bar
 from .report import LayerReport
 from .sensitivity import collect_sensitivity
@@ -90,7 +90,7 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
     its share of every stage's layers, and the fitted tensors are broadcast.
 
     ``tuning``: after each block is fitted, its fitted tensors are tuned to the
-    dense block's outputs (``reparam.tuning``); needs a block-by-block pipeline.
+    dense model's hidden states after it (``reparam.tuning``); needs a block-by-block pipeline.
     """
     if pipeline not in PIPELINES:
         raise ConfigError(f"pipeline={pipeline!r} is not one of {list(PIPELINES)}")
@@ -112,7 +112,7 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
                   "it needs calibration data (calib=) and a config that uses it" if not calibrated else
                   "no stack of repeated blocks holding calibrated layers was found; name it with "
                   "sequential_targets='<ModuleList path or block class>'")
-        raise ConfigError(f"tune= tunes each converted block to the dense block's outputs, but {reason}; "
+        raise ConfigError(f"tune= tunes each converted block to the dense model's hidden states, but {reason}; "
                           "convert block by block or drop tune=")
     if tuning is not None and collective is not None:
         raise ConfigError("tune= is not supported in a distributed conversion (group=); drop one of them")
@@ -126,7 +126,7 @@ def run_pipeline(model: nn.Module, plan: list, calib: Iterable[Any] | None, reso
             collective.average(sensitivity)
         resolve = _with_sensitivity(resolve, sensitivity)
     rows: list[LayerReport] = []
-    with ModuleSwaps(model, spill=True) as swaps, eval_mode(model):
+    with ModuleSwaps(model, spill=True) as swaps, eval_mode(model), bounded_heap():
         if blocks:
             batches = list(calib)
             try:
@@ -232,6 +232,10 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
     for call in calls:
         call[0].args[0] = None  # held once, in `hidden`
     release_free_memory()  # the capture's forward through every block
+    # Tuning's targets are the dense model's own hidden states, carried through the dense blocks beside the
+    # converted ones: a block is tuned to undo what the blocks before it got wrong as well as its own error
+    # (OmniQuant's targets). Without propagation the converted blocks already run on them.
+    dense_hidden = list(hidden) if tuning is not None and propagate else None
     if sensitivity:
         plan = _allocate_by_blocks(model, plan, batches, blocks, hidden, calls, sensitivity, collective, progress)
     stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
@@ -240,7 +244,7 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
     for i, ((_, block), items) in enumerate(progress_bar(list(zip(blocks, stages)), desc="converting blocks",
                                                           disable=not progress)):
         wanted = {p.name: p.module for p in items if p.config.uses_calibration()}
-        keep = not propagate or tuning is not None  # the dense block's outputs: next inputs, or tuning's targets
+        keep = not propagate  # the dense block's outputs are the next block's inputs
 
         def calibrate():
             with StatsCollector(wanted) as collector:
@@ -248,6 +252,8 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
             return collector.stats(), outputs
 
         stats, unconverted = step(collective, calibrate)
+        if dense_hidden is not None:  # before the swap, while the block is dense
+            dense_hidden = _block_outputs(block, dense_hidden, calls, i)
         release_free_memory()  # the block's activations: the fits below start from the live set
         if collective is not None:
             collective.reduce_stats(stats)
@@ -261,7 +267,7 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
         if tuning is not None:
             start = time.perf_counter()
             inputs = [(x, tuple(call[i].args[1:]), call[i].kwargs, call[i].mask) for x, call in zip(hidden, calls)]
-            tuned = tune_block(block, inputs, unconverted, tuning)
+            tuned = tune_block(block, inputs, unconverted if dense_hidden is None else dense_hidden, tuning)
             del inputs
             if tuned is not None:
                 logger.info("block %d/%d (%s): tuned in %.1f s, output error %.4g -> %.4g", i + 1, len(blocks),
@@ -275,7 +281,7 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
                 hidden = step(collective, lambda: _block_outputs(block, hidden, calls, i))
             _release_caches(block)
         unconverted = tuned = None  # freed before the next block's are made
-    del hidden, calls
+    del hidden, dense_hidden, calls
     if outside:
         _one_pass(model, outside, batches, resolve, swaps, rows, progress, collective)
 
