@@ -4,6 +4,7 @@
     python benchmarks/bench_pareto.py                  # MiniLM and SmolLM2
     python benchmarks/bench_pareto.py --models minilm  # MiniLM only
     python benchmarks/bench_pareto.py --models minilm --only auto "affine 3b"   # labels containing these
+    python benchmarks/bench_pareto.py --models minilm --only +tune              # the tuned rows only
 
 MiniLM: embedding fidelity with all 36 encoder Linear layers converted (128
 calibration sentences, 256 held-out; the "+tune" rows: block-output tuning
