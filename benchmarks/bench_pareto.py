@@ -65,10 +65,10 @@ def stored_bits(model: torch.nn.Module) -> float:
     return 8 * sum(weight_nbytes(modules[n]) for n in names) / weights
 
 
-def harness_for(model_name: str, windows: int, tuned: bool = False):
+def harness_for(model_name: str, windows: int):
     if model_name == "minilm":
         from reparam.minilm import Harness
-        harness = Harness.build(n_calib=TUNED_MINILM_CALIB) if tuned else Harness.build()
+        harness = Harness.build()
         return harness, harness.fidelity, "fidelity"
     from reparam.llm import Harness
     harness = Harness.build(n_calib=windows, n_heldout=windows)
@@ -84,15 +84,16 @@ def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> No
                      metric: round(quality(harness.fresh_model()), 4), "seconds": 0.0})
         _save(path, rows, model_name, metric, windows)
     families = {**FAMILY, "single": {**SINGLE, **SLOW}} if slow else FAMILY
-    tuned_harness = None
+    tuning_calib = None
     for family, configs in families.items():
         for label, config in configs.items():
             if only and not any(text in label for text in only):
                 continue
-            tune = TUNING if family == "tuned" else None
+            tune, calib = TUNING if family == "tuned" else None, harness.calib
             if tune is not None and model_name == "minilm":
-                tuned_harness = tuned_harness or harness_for(model_name, windows, tuned=True)[0]
-            calib = (tuned_harness or harness).calib if tune is not None else harness.calib
+                from reparam import minilm
+                tuning_calib = tuning_calib or minilm.batches(minilm.calibration_sentences(TUNED_MINILM_CALIB))
+                calib = tuning_calib
             model = harness.fresh_model()
             start = time.perf_counter()
             report = reparam.convert(model, {harness.layers: config}, calib=calib, progress=False, tune=tune)
