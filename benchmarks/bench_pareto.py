@@ -89,7 +89,8 @@ def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> No
         for label, config in configs.items():
             if only and not any(text in label for text in only):
                 continue
-            tune, calib = TUNING if family == "tuned" else None, harness.calib
+            tune = TUNING if family == "tuned" else None
+            calib = harness.calib
             if tune is not None and model_name == "minilm":
                 from reparam import minilm
                 tuning_calib = tuning_calib or minilm.batches(minilm.calibration_sentences(TUNED_MINILM_CALIB))
