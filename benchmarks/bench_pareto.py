@@ -19,6 +19,7 @@ come, so a run can be split and resumed; the plot is drawn from all of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -53,6 +54,9 @@ COMPOSED = {
 TUNED = {f"{label} +tune": config for label, config in {
     **AUTO, "shift_add 2b": SINGLE["shift_add 2b"], "shift_add 3b": SINGLE["shift_add 3b"]}.items()}
 TUNING = reparam.BlockTuning(epochs=4, batches_per_step=1)
+# and the "+e2e" rows: then every block tuned together to the dense output of the last (end_to_end_epochs)
+TUNED["auto 3.0 +tune +e2e"] = AUTO["auto 3.0"]
+TUNING_END_TO_END = dataclasses.replace(TUNING, end_to_end_epochs=4, end_to_end_lr=3e-3)
 TUNED_MINILM_CALIB = 832
 FAMILY = {"auto": AUTO, "single": SINGLE, "composed": COMPOSED, "tuned": TUNED}
 
@@ -89,7 +93,7 @@ def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> No
         for label, config in configs.items():
             if only and not any(text in label for text in only):
                 continue
-            tune = TUNING if family == "tuned" else None
+            tune = None if family != "tuned" else TUNING_END_TO_END if label.endswith("+e2e") else TUNING
             calib = harness.calib
             if tune is not None and model_name == "minilm":
                 from reparam import minilm
@@ -129,7 +133,9 @@ def _short(config: dict) -> str:
 def _save(path: Path, rows: list[dict], model_name: str, metric: str, windows: int) -> None:
     notes = ("Bits per weight: stored bytes of the converted layers' weights (codes, scales, factors, "
              "indices; bias excluded) × 8 / dense weights. \"+tune\": block-output tuning "
-             f"(BlockTuning(epochs={TUNING.epochs}, batches_per_step={TUNING.batches_per_step}))")
+             f"(BlockTuning(epochs={TUNING.epochs}, batches_per_step={TUNING.batches_per_step})); \"+e2e\": "
+             f"then end to end (end_to_end_epochs={TUNING_END_TO_END.end_to_end_epochs}, "
+             f"end_to_end_lr={TUNING_END_TO_END.end_to_end_lr:g})")
     notes += (f", calibrated on {TUNED_MINILM_CALIB} sentences instead of 128." if model_name == "minilm"
               else ", on the same calibration windows.")
     if model_name == "smollm2":

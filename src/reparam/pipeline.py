@@ -37,7 +37,7 @@ from .progress import progress_bar
 from .report import LayerReport
 from .sensitivity import collect_sensitivity
 from .swap import ModuleSwaps
-from .tuning import BlockTuning, tune_block
+from .tuning import BlockStack, BlockTuning, tune_block, tune_stack
 
 logger = logging.getLogger(__name__)
 PIPELINES = ("auto", "sequential", "sequential_dense", "one_pass")
@@ -236,6 +236,8 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
     # converted ones: a block is tuned to undo what the blocks before it got wrong as well as its own error
     # (OmniQuant's targets). Without propagation the converted blocks already run on them.
     dense_hidden = list(hidden) if tuning is not None and propagate else None
+    end_to_end = tuning is not None and tuning.end_to_end_epochs > 0
+    first_hidden = list(hidden) if end_to_end else None
     if sensitivity:
         plan = _allocate_by_blocks(model, plan, batches, blocks, hidden, calls, sensitivity, collective, progress)
     stages = [[p for p in plan if _inside(p.name, prefix)] for prefix, _ in blocks]
@@ -272,6 +274,8 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
             if tuned is not None:
                 logger.info("block %d/%d (%s): tuned in %.1f s, output error %.4g -> %.4g", i + 1, len(blocks),
                             blocks[i][0], time.perf_counter() - start, tuned.before, tuned.after)
+        if end_to_end and i + 1 == len(blocks):  # the dense model's output of the last block
+            final_targets = unconverted if dense_hidden is None else dense_hidden
         if i + 1 < len(blocks):
             if not propagate:
                 hidden = unconverted
@@ -281,9 +285,27 @@ def _sequential(model, plan, batches, blocks, resolve, swaps, rows, progress, *,
                 hidden = step(collective, lambda: _block_outputs(block, hidden, calls, i))
             _release_caches(block)
         unconverted = tuned = None  # freed before the next block's are made
-    del hidden, dense_hidden, calls
+    del hidden, dense_hidden
+    if end_to_end:
+        _tune_end_to_end([block for _, block in blocks], first_hidden, calls, final_targets, tuning)
+        del first_hidden, final_targets
+    del calls
     if outside:
         _one_pass(model, outside, batches, resolve, swaps, rows, progress, collective)
+
+
+def _tune_end_to_end(blocks: list[nn.Module], first_hidden: list[torch.Tensor], calls: list,
+                     targets: list[torch.Tensor], tuning: BlockTuning) -> None:
+    """Every converted block's tensors tuned together toward the dense model's output of the last block."""
+    start = time.perf_counter()
+    arguments = [[(tuple(call.args[1:]), call.kwargs) for call in batch_calls] for batch_calls in calls]
+    inputs = [(hidden, batch_calls[0].mask) for hidden, batch_calls in zip(first_hidden, calls)]
+    result = tune_stack(BlockStack(blocks, arguments), inputs, targets, tuning)
+    if result is not None:
+        logger.info("%d blocks: tuned end to end in %.1f s, output error %.4g -> %.4g", len(blocks),
+                    time.perf_counter() - start, result.before, result.after)
+    for block in blocks:
+        _release_caches(block)
 
 
 def _release_caches(block: nn.Module) -> None:

@@ -18,6 +18,13 @@ Run by the sequential pipeline (``convert(..., tune=True)``). The targets
 are the dense model's own hidden states, carried block by block beside the
 converted model's, so a block is also tuned to undo what the blocks before
 it got wrong; the next block is calibrated on the tuned block's outputs.
+
+With ``end_to_end_epochs``, a last stage tunes every converted block's
+tensors together (``tune_stack``): the blocks run in sequence from the first
+block's cached inputs and the last block's output is matched to the dense
+model's (the end-to-end stage of EfficientQAT, Chen et al. 2024, on the
+same tensors). A block sees its own error; only this stage sees how the
+errors of all blocks combine.
 """
 from __future__ import annotations
 
@@ -45,15 +52,23 @@ class BlockTuning:
     lr: float = 1e-2
     batches_per_step: int = 4  # calibration batches whose gradients make one step
     seed: int = 0  # the order of the batches
+    # After the last block: passes in which every converted block's tensors are tuned together, so that the last
+    # block's output matches the dense model's (EfficientQAT's end-to-end stage, on the block stack); 0 skips it.
+    # It holds every block's activations of one batch for the backward pass, so it is off by default.
+    end_to_end_epochs: int = 0
+    end_to_end_lr: float = 1e-3  # as ``lr``, for the end-to-end passes
 
     def __post_init__(self):
-        for name in ("epochs", "batches_per_step"):
+        for name, least in (("epochs", 1), ("batches_per_step", 1), ("end_to_end_epochs", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"tune: {name}={value!r} must be a positive integer")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
-                or self.lr <= 0:
-            raise ConfigError(f"tune: lr={self.lr!r} must be a positive number")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a positive integer" if least else "a non-negative integer"
+                raise ConfigError(f"tune: {name}={value!r} must be {kind}")
+        for name in ("lr", "end_to_end_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ConfigError(f"tune: {name}={value!r} must be a positive number")
 
     @classmethod
     def of(cls, tune: "BlockTuning | bool | None") -> "BlockTuning | None":
@@ -156,6 +171,32 @@ def tune_block(block: nn.Module, inputs: list[tuple[torch.Tensor, tuple, dict, t
         for key, (m, tensor) in tuned.items():
             getattr(m, tensor).copy_(m.stored_value(tensor, latent(key)))
     return TuningResult(before, after, outputs)
+
+
+class BlockStack(nn.Module):
+    """Blocks run in order on one calibration batch, each with the further arguments it was called with there."""
+
+    def __init__(self, blocks: list[nn.Module], arguments: list[list[tuple[tuple, dict]]]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.arguments = arguments  # per batch, per block: (positional arguments after the hidden state, keywords)
+
+    def forward(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        for block, (args, kwargs) in zip(self.blocks, self.arguments[batch]):
+            output = block(hidden, *args, **kwargs)
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+        return hidden
+
+
+def tune_stack(stack: BlockStack, inputs: list[tuple[torch.Tensor, torch.Tensor | None]],
+               targets: list[torch.Tensor], tuning: BlockTuning) -> TuningResult | None:
+    """Tune every converted layer of ``stack`` together so its outputs on ``inputs`` (per batch: the first
+    block's hidden state and the attention mask or None) approach ``targets`` (the dense model's output of the
+    last block), for ``tuning.end_to_end_epochs`` passes at ``tuning.end_to_end_lr``; kept only if the error
+    went down, as in ``tune_block``."""
+    batches = [(hidden, (index,), {}, mask) for index, (hidden, mask) in enumerate(inputs)]
+    return tune_block(stack, batches, targets,
+                      dataclasses.replace(tuning, epochs=tuning.end_to_end_epochs, lr=tuning.end_to_end_lr))
 
 
 def _straight_through(latent: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
