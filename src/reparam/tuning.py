@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .core.config import ConfigError
@@ -54,7 +56,7 @@ class BlockTuning:
     seed: int = 0  # the order of the batches
     # After the last block: passes in which every converted block's tensors are tuned together, so that the last
     # block's output matches the dense model's (EfficientQAT's end-to-end stage, on the block stack); 0 skips it.
-    # It holds every block's activations of one batch for the backward pass, so it is off by default.
+    # Off by default for its time: on SmolLM2 2 epochs took longer than the block tuning (docs/llm.md).
     end_to_end_epochs: int = 0
     end_to_end_lr: float = 1e-3  # as ``lr``, for the end-to-end passes
 
@@ -183,9 +185,23 @@ class BlockStack(nn.Module):
 
     def forward(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
         for block, (args, kwargs) in zip(self.blocks, self.arguments[batch]):
-            output = block(hidden, *args, **kwargs)
+            output = _checkpointed(block, hidden, args, kwargs) if torch.is_grad_enabled() else \
+                block(hidden, *args, **kwargs)
             hidden = output[0] if isinstance(output, (tuple, list)) else output
         return hidden
+
+
+def _checkpointed(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict):
+    """``block(hidden, *args, **kwargs)`` recomputed in the backward pass: of its activations only the input is
+    kept, so tuning a stack of blocks holds about one block's. The block's tensors as they are now (the tuned
+    values ``tune_block`` put in place with ``functional_call``) are inputs of the checkpoint, because the
+    recomputation runs after that call has put the module's own tensors back."""
+    names, tensors = zip(*itertools.chain(block.named_parameters(), block.named_buffers()))
+
+    def run(hidden: torch.Tensor, *tensors: torch.Tensor):
+        return torch.func.functional_call(block, dict(zip(names, tensors)), (hidden, *args), kwargs)
+
+    return torch.utils.checkpoint.checkpoint(run, hidden, *tensors, use_reentrant=False)
 
 
 def tune_stack(stack: BlockStack, inputs: list[tuple[torch.Tensor, torch.Tensor | None]],
