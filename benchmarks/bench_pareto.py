@@ -61,6 +61,12 @@ TUNED_MINILM_CALIB = 832
 FAMILY = {"auto": AUTO, "single": SINGLE, "composed": COMPOSED, "tuned": TUNED}
 
 
+def tuning_for(family: str, label: str) -> reparam.BlockTuning | None:
+    if family != "tuned":
+        return None
+    return TUNING_END_TO_END if label.endswith("+e2e") else TUNING
+
+
 def stored_bits(model: torch.nn.Module) -> float:
     """Stored bits per dense weight over the converted layers, bias excluded."""
     modules = dict(model.named_modules())
@@ -93,7 +99,7 @@ def run(model_name: str, only: list[str] | None, windows: int, slow: bool) -> No
         for label, config in configs.items():
             if only and not any(text in label for text in only):
                 continue
-            tune = None if family != "tuned" else TUNING_END_TO_END if label.endswith("+e2e") else TUNING
+            tune = tuning_for(family, label)
             calib = harness.calib
             if tune is not None and model_name == "minilm":
                 from reparam import minilm

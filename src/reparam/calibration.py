@@ -29,6 +29,11 @@ def batch_mask(batch: Any) -> torch.Tensor | None:
     return batch.get("attention_mask") if isinstance(batch, Mapping) else None
 
 
+def block_hidden_state(output: Any) -> torch.Tensor:
+    """The hidden state a block returned: its whole output, or the first item of a tuple or list."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Run ``model`` in eval mode, then give every submodule back its own

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .calibration import StatsCollector, batch_mask, collect_stats, eval_mode, run_model
+from .calibration import StatsCollector, batch_mask, block_hidden_state, collect_stats, eval_mode, run_model
 from .core.config import ConfigError
 from .core.module import ReparamModule, linear_shape, linear_weight, row_slice, state_nbytes, state_numel
 from .core.registry import get_method
@@ -433,7 +433,7 @@ def _block_outputs(block: nn.Module, hidden: list[torch.Tensor], calls: list[lis
             collector.start_batch(call[index].mask)
         output = block(x, *call[index].args[1:], **call[index].kwargs)
         if keep:
-            outputs.append(output[0] if isinstance(output, (tuple, list)) else output)
+            outputs.append(block_hidden_state(output))
     return outputs
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .calibration import block_hidden_state
 from .core.config import ConfigError
 from .core.module import ReparamModule
 
@@ -129,7 +130,7 @@ def tune_block(block: nn.Module, inputs: list[tuple[torch.Tensor, tuple, dict, t
                 value = latent(key)
                 stored[key] = _straight_through(value, m.stored_value(tensor, value.detach()))
             output = torch.func.functional_call(block, stored, (x, *args), kwargs)
-        return output[0] if isinstance(output, (tuple, list)) else output
+        return block_hidden_state(output)
 
     def error(index: int, output: torch.Tensor) -> torch.Tensor:
         return _squared_error(output, targets[index], inputs[index][3])
@@ -187,7 +188,7 @@ class BlockStack(nn.Module):
         for block, (args, kwargs) in zip(self.blocks, self.arguments[batch]):
             output = _checkpointed(block, hidden, args, kwargs) if torch.is_grad_enabled() else \
                 block(hidden, *args, **kwargs)
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            hidden = block_hidden_state(output)
         return hidden
 
 
