@@ -18,6 +18,8 @@ keeps the script free of slow fits. Cases and the issue's targets:
 - dense_sparse and low_rank at half the dense bytes (≥ 1.0×), 1 and 8 tokens;
 - affine 4-bit 4096² at 1 token on torch's ``_weight_int4pack_mm_for_cpu``
   (random int4 weights), beside the bit-plane kernel;
+- shift_add 3-bit 4096² at 128 tokens with bf16 products (torch's "medium"
+  float32 matmul precision, and bf16 inputs) against dense in the same setting;
 - the LUT / decode-and-GEMM crossover: both compiled paths at 1–32 tokens.
 
 Results: benchmarks/results/kernels.{json,md}.
@@ -98,6 +100,34 @@ def int4pack_speedup(tokens: int, rounds: int, size: int = 4096, group_size: int
             "bitplane speedup": times["dense"] / times["bitplane"]}
 
 
+def precise(fn, precision: str):
+    """``fn`` run under torch's float32 matmul ``precision`` ("highest": float32; "medium": bf16 products)."""
+    def run():
+        torch.set_float32_matmul_precision(precision)
+        return fn()
+    return run
+
+
+def bf16_products(tokens: int, rounds: int, size: int = 4096) -> dict:
+    """Decode-and-GEMM with bf16 products against dense at both float32 matmul precisions, and with bf16 inputs
+    against a bf16 nn.Linear, all interleaved in one comparison."""
+    ours = random_quantized("shift_add", 3, size, size)
+    dense = nn.Linear(size, size)
+    dense_bf16 = nn.Linear(size, size).bfloat16()
+    x = torch.randn(tokens, size)
+    x_bf16 = x.bfloat16()
+    with torch.inference_mode():
+        times = compare_latency({
+            "dense": precise(lambda: dense(x), "highest"), "ours": precise(lambda: ours(x), "highest"),
+            "dense medium": precise(lambda: dense(x), "medium"), "ours medium": precise(lambda: ours(x), "medium"),
+            "dense bf16": lambda: dense_bf16(x_bf16), "ours bf16": lambda: ours(x_bf16)}, rounds=rounds)
+    torch.set_float32_matmul_precision("highest")
+    return {"tokens": tokens, **{f"{name} ms": seconds * 1e3 for name, seconds in times.items()},
+            "medium vs dense": times["dense"] / times["ours medium"],
+            "medium vs dense medium": times["dense medium"] / times["ours medium"],
+            "bf16 vs dense bf16": times["dense bf16"] / times["ours bf16"]}
+
+
 def crossover(in_features: int, out_features: int, tokens: tuple[int, ...], rounds: int) -> list[dict]:
     """The compiled LUT against decode-and-GEMM at growing token counts."""
     ops = compiled_ops()
@@ -143,7 +173,7 @@ def main() -> None:
     rounds = 5 if args.quick else 15
     torch.manual_seed(0)
     layers = cases(args.quick)
-    rows, int4_rows, crossover_rows = [], [], []
+    rows, int4_rows, bf16_rows, crossover_rows = [], [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, shape, layer, tokens, target in layers:
@@ -154,12 +184,18 @@ def main() -> None:
             print(row, flush=True)
         int4_rows.append({"threads": threads, **int4pack_speedup(1, rounds)})
         print(int4_rows[-1], flush=True)
+        bf16_rows.append({"threads": threads, **bf16_products(128, rounds)})
+        print(bf16_rows[-1], flush=True)
         crossover_rows += [{"threads": threads, **row}
                            for row in crossover(4096, 4096, (1, 4, 8, 12, 16, 32), rounds)
                            + crossover(576, 1536, (1, 4, 8, 12, 16, 32), rounds)]
     notes = ("Random layer contents (speed only). Speedup = dense fp32 nn.Linear time / layer time, "
              "interleaved, medians.\n\n## torch int4 (_weight_int4pack_mm_for_cpu) vs bit-plane, affine 4-bit "
-             "4096², 1 token\n\n" + markdown(int4_rows) + "\n\n## Compiled LUT vs decode-and-GEMM (shift_add "
+             "4096², 1 token\n\n" + markdown(int4_rows)
+             + "\n\n## bf16 products, shift_add 3-bit 4096², 128 tokens\n\n"
+             "\"medium\": torch.set_float32_matmul_precision(\"medium\") (bf16 products for float32 matmuls, "
+             "dense ones included); \"bf16\": bf16 inputs, against a bf16 nn.Linear.\n\n" + markdown(bf16_rows)
+             + "\n\n## Compiled LUT vs decode-and-GEMM (shift_add "
              "3-bit)\n\n" + markdown(crossover_rows))
     command = "python benchmarks/bench_kernels.py " + " ".join(
         ["--threads", *map(str, args.threads)] + (["--quick"] if args.quick else []))

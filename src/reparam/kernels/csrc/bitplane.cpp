@@ -18,6 +18,10 @@
 // 128 outputs, 512 KB: written and read back within L2) into a reused buffer,
 // transposed, and multiplied by MKL's GEMM, accumulating over the input blocks.
 //
+// With bf16 products (a bf16 input, or torch's float32 matmul precision set to bf16, on a CPU with native bf16),
+// chunks of outputs are decoded over the whole input into a bf16 buffer and multiplied once by oneDNN's bf16
+// GEMM (AMX where present): the precision torch gives a dense layer in the same setting.
+//
 // Scratch (tables, tiles, partial sums) lives in thread_local buffers that
 // grow to the largest layer seen and are reused: a call allocates its output
 // and nothing else of size.
@@ -41,6 +45,8 @@ constexpr int64_t kTokensPerPass = 4;  // token tables held in registers at once
 constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile
 constexpr int64_t kDecodeBlockBytes = 128;  // plane bytes per tile: a (1024, 128) float tile, 512 KB, stays in L2
 constexpr int64_t kMaxBits = 8;
+// Outputs per bf16 GEMM (a 4 MB block at 4096 inputs): of 128, 256, 512 and 1024, best or tied at 4096², 128 tokens.
+constexpr int64_t kBf16ChunkOutputs = 512;
 
 struct Layer {
   const uint8_t* planes;  // (bits, nbytes, out)
@@ -88,6 +94,7 @@ at::Tensor output_for(const at::Tensor& x, int64_t out) {
 
 thread_local std::vector<float> row_buffer, tables_buffer, xsum_buffer, acc_buffer, tile_buffer, tile_out_buffer,
     input_buffer;
+thread_local std::vector<at::BFloat16> bf16_input_buffer, bf16_tile_buffer, bf16_result_buffer;
 
 // The 16 entries of each quad's table from a float row (quads·4 values): entry n is Σ_{bit m of n} row[4q + m],
 // added in the order m = 0, 1, 2, 3 starting from +0.
@@ -371,28 +378,40 @@ struct GroupScales {
   }
 };
 
-// Columns [b0·8, b1·8) of the transposed tile: tile[j - base·8, o] = W[o0 + o, j] for n ≤ kDecodeTile outputs.
+// Columns [b0·8, b1·8) of the transposed tile: tile[(j - base·8)·ld + o] = W[o0 + o, j] for n ≤ kDecodeTile
+// outputs, float32 or rounded to bf16 (to nearest even, like every float → bf16 conversion in torch).
+template <typename tile_t>
 void decode_rows_scalar(const Layer& w, int64_t o0, int64_t n, int64_t base, int64_t b0, int64_t b1,
-                        float* __restrict__ tile) {
+                        tile_t* __restrict__ tile, int64_t ld) {
   GroupScales scales;
+  float column[kDecodeTile];
   for (int64_t b = b0; b < b1; ++b) {
     if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
     for (int k = 0; k < 8; ++k) {
-      float* __restrict__ dst = tile + ((b - base) * 8 + k) * n;
-      for (int64_t o = 0; o < n; ++o) dst[o] = scales.offset[o];
+      for (int64_t o = 0; o < n; ++o) column[o] = scales.offset[o];
       for (int64_t i = 0; i < w.bits; ++i) {
         const uint8_t* __restrict__ row = w.planes + (i * w.nbytes + b) * w.out + o0;
-        for (int64_t o = 0; o < n; ++o) dst[o] += ((row[o] >> k) & 1) ? scales.coef[i][o] : 0.f;
+        for (int64_t o = 0; o < n; ++o) column[o] += ((row[o] >> k) & 1) ? scales.coef[i][o] : 0.f;
       }
+      tile_t* __restrict__ dst = tile + ((b - base) * 8 + k) * ld;
+      for (int64_t o = 0; o < n; ++o) dst[o] = static_cast<tile_t>(column[o]);
     }
   }
 }
 
 #ifdef REPARAM_X86
+__attribute__((target("avx512f"))) inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+
+__attribute__((target("avx512f,avx512bf16"))) inline void store16(at::BFloat16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
 // The same with n a multiple of 16: the 8 columns of a plane byte are 8 registers of 16 outputs, each adding
 // the plane's coefficient under the mask of its bit.
-__attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64_t o0, int64_t n, int64_t base,
-                                                           int64_t b0, int64_t b1, float* __restrict__ tile) {
+template <typename tile_t>
+__attribute__((target("avx512f,avx512bf16"))) void decode_rows_avx512(const Layer& w, int64_t o0, int64_t n,
+                                                                      int64_t base, int64_t b0, int64_t b1,
+                                                                      tile_t* __restrict__ tile, int64_t ld) {
   GroupScales scales;
   for (int64_t b = b0; b < b1; ++b) {
     if (b == b0 || b % w.group_bytes == 0) scales.load(w, b / w.group_bytes, o0, n);
@@ -407,17 +426,74 @@ __attribute__((target("avx512f"))) void decode_rows_avx512(const Layer& w, int64
           columns[k] = _mm512_mask_add_ps(columns[k], _mm512_test_epi32_mask(bytes, _mm512_set1_epi32(1 << k)),
                                           columns[k], c);
       }
-      for (int k = 0; k < 8; ++k) _mm512_storeu_ps(tile + ((b - base) * 8 + k) * n + p, columns[k]);
+      for (int k = 0; k < 8; ++k) store16(tile + ((b - base) * 8 + k) * ld + p, columns[k]);
     }
   }
 }
 #endif
 
-void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t base, int64_t b0, int64_t b1, float* tile) {
+template <typename tile_t>
+void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t base, int64_t b0, int64_t b1,
+                 tile_t* tile, int64_t ld) {
 #ifdef REPARAM_X86
-  if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, base, b0, b1, tile);
+  // bf16 tiles are only asked for on CPUs with AVX512-BF16 (cpu_has_bf16), so AVX-512 implies it there.
+  if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, base, b0, b1, tile, ld);
 #endif
-  decode_rows_scalar(w, o0, n, base, b0, b1, tile);
+  decode_rows_scalar(w, o0, n, base, b0, b1, tile, ld);
+}
+
+// bf16 GEMMs (below) only where the CPU multiplies bf16 natively (AVX512-BF16, and AMX on newer Xeons): elsewhere
+// oneDNN emulates them, slower than float32.
+bool cpu_has_bf16() {
+#ifdef REPARAM_X86
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Whether torch itself would multiply this input in bf16: a bf16 input, or a float32 one under
+// torch.backends.mkldnn.matmul.fp32_precision = "bf16" (what torch.set_float32_matmul_precision("medium") sets),
+// the switch torch's own CPU matmuls (a dense nn.Linear among them) follow.
+bool bf16_products(const at::Tensor& x) {
+  if (!cpu_has_bf16()) return false;
+  if (x.scalar_type() == at::kBFloat16) return true;
+  return x.scalar_type() == at::kFloat &&
+         at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+             at::Float32Precision::BF16;
+}
+
+// Decode-and-GEMM with bf16 products. Chunks of kBf16ChunkOutputs outputs are decoded over the whole input into
+// a bf16 buffer (threads split the chunk's tiles), then multiplied by one GEMM outside any parallel region:
+// inside one, oneDNN's bf16 GEMM ran 1.8x slower than from Python. No partial sum is rounded to bf16 between
+// input blocks; the (tokens, chunk) result is rounded to bf16 once (torch's CPU bf16 GEMM has no float32
+// output), then the bias is added in float32.
+template <typename scalar_t>
+void decode_mm_bf16(int isa, const Layer& w, const at::Tensor& xb, const float* bias, scalar_t* y) {
+  const int64_t tokens = xb.size(0), padded = w.nbytes * 8;
+  const auto as_bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  const int64_t chunk = std::min(kBf16ChunkOutputs, w.out);
+  at::BFloat16* weight = scratch(bf16_tile_buffer, padded * chunk);
+  at::BFloat16* result = scratch(bf16_result_buffer, tokens * chunk);
+  for (int64_t c0 = 0; c0 < w.out; c0 += chunk) {
+    const int64_t n = std::min(chunk, w.out - c0);
+    // Each thread decodes tiles of kDecodeTile outputs: column blocks of the chunk's (padded, n) row-major matrix.
+    at::parallel_for(0, (n + kDecodeTile - 1) / kDecodeTile, 1, [&](int64_t first, int64_t last) {
+      for (int64_t o = first * kDecodeTile; o < std::min(last * kDecodeTile, n); o += kDecodeTile)
+        decode_rows(isa, w, c0 + o, std::min(kDecodeTile, n - o), 0, 0, w.nbytes, weight + o, n);
+    });
+    at::Tensor product = at::from_blob(result, {tokens, n}, as_bf16);
+    at::mm_out(product, xb, at::from_blob(weight, {padded, n}, as_bf16));
+    at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const at::BFloat16* __restrict__ src = result + t * n;
+        scalar_t* __restrict__ dst = y + t * w.out + c0;
+        for (int64_t o = 0; o < n; ++o)
+          dst[o] = static_cast<scalar_t>(static_cast<float>(src[o]) + (bias ? bias[c0 + o] : 0.f));
+      }
+    });
+  }
 }
 
 }  // namespace
@@ -434,6 +510,19 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
   at::Tensor y = output_for(x, w.out);
   if (tokens == 0) return y;
   const auto as_float = at::TensorOptions().dtype(at::kFloat);
+  const int isa = active_isa();
+  at::Tensor y2 = y.view({tokens, w.out});
+  if (bf16_products(x)) {
+    at::Tensor xb = at::from_blob(scratch(bf16_input_buffer, tokens * padded), {tokens, padded},
+                                  at::TensorOptions().dtype(at::kBFloat16));
+    xb.narrow(1, in, padded - in).zero_();
+    xb.narrow(1, 0, in).copy_(x2);
+    if (y.scalar_type() == at::kFloat)
+      decode_mm_bf16(isa, w, xb, bias_ptr, y.data_ptr<float>());
+    else
+      decode_mm_bf16(isa, w, xb, bias_ptr, y.data_ptr<at::BFloat16>());
+    return y;
+  }
   // The input as float32 (tokens, padded), zero beyond in: x itself when it already is.
   at::Tensor xf;
   if (x2.scalar_type() == at::kFloat && in == padded && x2.is_contiguous()) {
@@ -443,13 +532,11 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
     xf.narrow(1, in, padded - in).zero_();
     xf.narrow(1, 0, in).copy_(x2);
   }
-  const int isa = active_isa();
   const int64_t block_bytes = std::min(kDecodeBlockBytes, w.nbytes);
   // A float32 output takes each tile's GEMMs in place (the bias as its initial value); other dtypes go through a
   // float32 tile and one rounding.
   const bool in_place = y.scalar_type() == at::kFloat;
   const at::Tensor bias_f = bias_ptr ? at::from_blob(const_cast<float*>(bias_ptr), {w.out}, as_float) : at::Tensor();
-  at::Tensor y2 = y.view({tokens, w.out});
   // One parallel region: each thread decodes and multiplies whole output tiles of its own (its GEMMs run on one
   // thread inside the region). A region per tile would join 100+ times a call, and on a loaded machine every
   // join waits for a descheduled thread.
@@ -465,7 +552,7 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
       at::Tensor result = in_place ? dst : at::from_blob(tile_out, {tokens, n}, as_float);
       for (int64_t k0 = 0; k0 < w.nbytes; k0 += block_bytes) {
         const int64_t k1 = std::min(k0 + block_bytes, w.nbytes);
-        decode_rows(isa, w, o0, n, k0, k0, k1, tile);
+        decode_rows(isa, w, o0, n, k0, k0, k1, tile, n);
         const at::Tensor weight = at::from_blob(tile, {(k1 - k0) * 8, n}, as_float);
         const at::Tensor inputs = xf.narrow(1, k0 * 8, (k1 - k0) * 8);
         if (k0 > 0)
