@@ -29,6 +29,8 @@ CONFIGS = {
     "shift_add-4": {"method": "shift_add", "bits": 4, "group_size": 64},
     "shift_add-3": {"method": "shift_add", "bits": 3, "group_size": 64},
     "shift_add-2": {"method": "shift_add", "bits": 2, "group_size": 64},
+    "shift_add-3-row": {"method": "shift_add", "bits": 3, "group_size": "row"},
+    "rotated-shift_add-3-row": {"method": "rotated", "base": {"method": "shift_add", "bits": 3, "group_size": "row"}},
     "affine-4": {"method": "affine", "bits": 4, "group_size": 64, "fit": "gptq"},
     "affine-3": {"method": "affine", "bits": 3, "group_size": 64, "fit": "gptq"},
     "low_rank-0.8": {"method": "low_rank", "size_ratio": 0.8},

@@ -64,6 +64,17 @@ def test_default_group_size_divides_the_width_when_it_can():
     assert layer.config.group_size == 64 and layer.params.shape == (8, 9, 2)
 
 
+@pytest.mark.parametrize("in_features, group_size", [(384, 384), (100, 128)])
+def test_row_groups_give_each_row_one_set_of_scales(in_features, group_size):
+    linear = nn.Linear(in_features, 16)
+    layer = reparam.apply(linear, {"method": "shift_add", "bits": 3, "group_size": "row", "fit": "rtn"})
+    # stored concretely, so the saved config rebuilds the layer without knowing what "row" meant
+    assert layer.config.group_size == group_size and layer.params.shape == (16, 1, 3)
+    assert weight_nbytes(layer) == 16 * (3 * group_size // 8 + 3 * 2)  # planes and three fp16 α per row
+    x = torch.randn(5, in_features)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
 class Net(nn.Module):
     """Layers of unlike sensitivity: a low-rank weight, a heavy-tailed one, a plain one."""
 

@@ -74,7 +74,9 @@ def test_columns_not_divisible_by_the_group_are_padded():
     ({"bits": "auto"}, "shift_add: bits='auto' needs target_bits, the average bits per weight, e.g. target_bits=2.5"),
     ({"bits": 3, "target_bits": 2.5}, "shift_add: target_bits is only used with bits='auto'; drop it or set bits='auto'"),
     ({"group_size": 100}, "shift_add: group_size=100 must be a positive multiple of 32 (whole bytes per group, "
-                          "and the kernel's tile); 128 is the usual choice"),
+                          "and the kernel's tile) or 'row'; 128 is the usual choice"),
+    ({"group_size": "rows"}, "shift_add: group_size='rows' must be a positive multiple of 32 (whole bytes per "
+                             "group, and the kernel's tile) or 'row'; 128 is the usual choice"),
     ({"scale": "int"}, "shift_add: scale='int' is not one of ['pow2', 'float']"),
     ({"act_order": "yes"}, "shift_add: act_order='yes' must be true or false"),
 ])

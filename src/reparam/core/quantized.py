@@ -23,6 +23,7 @@ from ..kernels.bitplane import bitplane_linear, decode_weight, planes_from_codes
 from ..progress import progress_bar
 
 FITS = ("auto", "rtn", "gptq")
+ROW_GROUP = "row"  # group_size value: one group (one set of scales) per row
 LINEAR_FORM_CACHE = "_linear_form_cache"  # the kernels' coefficients, kept per params tensor (``_cached_linear_form``)
 
 
@@ -35,7 +36,8 @@ class QuantizedConfig(MethodConfig):
     the rule's layers (scales included) stay within ``target_bits``, with the
     least total output error (``core.budget``; ``method: "auto"`` chooses
     across methods the same way). ``group_size=None`` is
-    ``default_group_size(in_features)`` per layer. ``fit="auto"`` is the
+    ``default_group_size(in_features)`` per layer, ``"row"`` one group per
+    row (``row_group_size``). ``fit="auto"`` is the
     compensated (GPTQ) fit when ``convert`` gets calibration data and
     round-to-nearest when it does not;
     ``act_order`` runs the compensated fit in GPTQ's activation order.
@@ -46,13 +48,13 @@ class QuantizedConfig(MethodConfig):
         "bits": 'bits per weight (one of BITS), or "auto" with target_bits: a width per layer',
         "target_bits": 'with bits="auto": stored bits per weight over the rule\'s layers, scales included',
         "group_size": "columns sharing one set of scales (a multiple of 32); None: the largest of 128, 64, 32 "
-                      "dividing the layer's width",
+                      "dividing the layer's width; \"row\": one group per row (fewest scale bytes)",
         "fit": '"auto" (GPTQ with calibration data, else round-to-nearest), "rtn" or "gptq"',
         "act_order": "compensated fit in GPTQ's activation order (columns by decreasing activation energy)",
     }
     bits: int | str = 4
     target_bits: float | None = None
-    group_size: int | None = None
+    group_size: int | str | None = None
     fit: str = "auto"
     act_order: bool = True  # raised MiniLM's fidelity for every method and width measured (docs/shift_add.md)
     # The compensated fit's time, measured at 1 thread on SmolLM2's shapes (docs/distributed.md): the
@@ -77,10 +79,11 @@ class QuantizedConfig(MethodConfig):
             if self.target_bits is not None:
                 raise ConfigError(f"{self.method}: target_bits is only used with bits='auto'; "
                                   f"drop it or set bits='auto'")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 32
-                                            or self.group_size % 32):
+        if self.group_size not in (None, ROW_GROUP) and (not isinstance(self.group_size, int) or self.group_size < 32
+                                                         or self.group_size % 32):
             raise ConfigError(f"{self.method}: group_size={self.group_size!r} must be a positive multiple of 32 "
-                              "(whole bytes per group, and the kernel's tile); 128 is the usual choice")
+                              f"(whole bytes per group, and the kernel's tile) or {ROW_GROUP!r}; 128 is the usual "
+                              "choice")
         check_choice(self.method, "fit", self.fit, FITS)
         check_flag(self.method, "act_order", self.act_order)
 
@@ -91,8 +94,8 @@ class QuantizedConfig(MethodConfig):
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         # A group wider than the row only adds zero padding; bounded so that a
         # damaged file's group_size=2**40 never reaches the allocator.
-        widest = max(128, -(-in_features // 32) * 32)
-        if self.group_size is not None and self.group_size > widest:
+        widest = max(128, row_group_size(in_features))
+        if isinstance(self.group_size, int) and self.group_size > widest:
             raise ConfigError(f"{self.method}: group_size={self.group_size} is wider than layer '{name}' "
                               f"({in_features} inputs); use group_size ≤ {widest}")
 
@@ -114,6 +117,18 @@ class QuantizedConfig(MethodConfig):
     def cheap(self) -> "QuantizedConfig":
         # Round-to-nearest ranks widths and groups like the compensated fit, at a fraction of its time.
         return self.replace(fit="rtn")
+
+
+def group_size_for(group_size: int | str | None, in_features: int) -> int:
+    """A config's ``group_size`` as the layer stores it: None and ``"row"`` resolved for ``in_features``."""
+    if group_size is None:
+        return default_group_size(in_features)
+    return row_group_size(in_features) if group_size == ROW_GROUP else group_size
+
+
+def row_group_size(in_features: int) -> int:
+    """One group per row: the row's width rounded up to whole kernel tiles of 32 columns."""
+    return -(-in_features // 32) * 32
 
 
 def default_group_size(in_features: int) -> int:
@@ -146,18 +161,15 @@ def check_size(method: str, count_key: str, count: Any, fraction_key: str, fract
 
 
 @dataclasses.dataclass(frozen=True)
-class ComposedConfig(MethodConfig):
-    """A composed method: tensors stored by a ``base`` quantization config,
-    with a rank set by ``rank`` or by the subclass's ``SIZE_FIELD``."""
+class QuantizedBaseConfig(MethodConfig):
+    """A method whose tensors are stored by a ``base`` quantization config (kept as a plain dict, so the config
+    stays JSON)."""
 
-    SIZE_FIELD: ClassVar[str]
     base: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "affine", "bits": 4})
-    rank: int | None = None
 
     def __post_init__(self):
         base = self.base.to_dict() if isinstance(self.base, MethodConfig) else dict(self.base)
         object.__setattr__(self, "base", parse_base(self.method, base).to_dict())
-        check_size(self.method, "rank", self.rank, self.SIZE_FIELD, getattr(self, self.SIZE_FIELD))
 
     @property
     def base_config(self) -> QuantizedConfig:
@@ -166,11 +178,24 @@ class ComposedConfig(MethodConfig):
     def requires_calibration(self) -> bool:
         return self.base_config.requires_calibration()
 
+    def cheap(self) -> "QuantizedBaseConfig":
+        return self.replace(base=self.base_config.cheap().to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposedConfig(QuantizedBaseConfig):
+    """A composed method: tensors stored by a ``base`` quantization config,
+    with a rank set by ``rank`` or by the subclass's ``SIZE_FIELD``."""
+
+    SIZE_FIELD: ClassVar[str]
+    rank: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_size(self.method, "rank", self.rank, self.SIZE_FIELD, getattr(self, self.SIZE_FIELD))
+
     def uses_calibration(self) -> bool:
         return True  # the low-rank part is whitened whenever statistics are there
-
-    def cheap(self) -> "ComposedConfig":
-        return self.replace(base=self.base_config.cheap().to_dict())
 
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         if self.rank is not None and self.rank > min(in_features, out_features):
@@ -199,8 +224,8 @@ class QuantizedLinear(ReparamModule):
         if not isinstance(config.bits, int):
             raise ConfigError(f"{config.method}: bits='auto' is resolved per layer by reparam.convert; "
                               "give this layer an integer bits")
-        if config.group_size is None:  # stored concretely, so a saved file never depends on the default
-            config = config.replace(group_size=default_group_size(in_features))
+        if not isinstance(config.group_size, int):  # stored concretely: a saved file never depends on the default
+            config = config.replace(group_size=group_size_for(config.group_size, in_features))
         super().__init__(in_features, out_features, bias, config, device=device, dtype=dtype)
         self.quantizer = config.quantizer()
         groups = self.quantizer.num_groups(in_features)
