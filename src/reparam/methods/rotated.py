@@ -22,7 +22,6 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from ..core.config import ConfigError
 from ..core.module import ReparamModule
