@@ -116,12 +116,13 @@ def bf16_products(tokens: int, rounds: int, size: int = 4096) -> dict:
     dense_bf16 = nn.Linear(size, size).bfloat16()
     x = torch.randn(tokens, size)
     x_bf16 = x.bfloat16()
+    previous = torch.get_float32_matmul_precision()
     with torch.inference_mode():
         times = compare_latency({
             "dense": precise(lambda: dense(x), "highest"), "ours": precise(lambda: ours(x), "highest"),
             "dense medium": precise(lambda: dense(x), "medium"), "ours medium": precise(lambda: ours(x), "medium"),
             "dense bf16": lambda: dense_bf16(x_bf16), "ours bf16": lambda: ours(x_bf16)}, rounds=rounds)
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(previous)
     return {"tokens": tokens, **{f"{name} ms": seconds * 1e3 for name, seconds in times.items()},
             "medium vs dense": times["dense"] / times["ours medium"],
             "medium vs dense medium": times["dense medium"] / times["ours medium"],

@@ -138,14 +138,14 @@ def _load(path: Path) -> list[dict]:
 
 def _short(config: dict) -> str:
     base = config.get("base")
-    inner = ""
+    inner = []
     if base:
         group = base.get("group_size")
-        inner = " ".join([base["method"], f"{base['bits']}b"] + ([f"g{group}" if isinstance(group, int) else group]
-                                                                   if group else []))
+        inner = [base["method"], f"{base['bits']}b"] + ([] if group is None else [
+            f"g{group}" if isinstance(group, int) else group])  # "g64", or "row"
     size = {k: config[k] for k in ("bits", "group_size", "rank_bits", "rank_ratio", "size_ratio")
             if config.get(k) is not None}
-    return " ".join([config["method"], inner, *(f"{k}={v}" for k, v in size.items())]).replace("  ", " ")
+    return " ".join([config["method"], *inner, *(f"{k}={v}" for k, v in size.items())])
 
 
 def _save(path: Path, rows: list[dict], model_name: str, metric: str, windows: int) -> None:
