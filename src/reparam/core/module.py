@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Mapping
+import contextlib
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ class ReparamModule(nn.Module, abc.ABC):
     # from θ for speed; see ``release_caches``.
     CACHES: ClassVar[tuple[str, ...]] = ()
     # Floating-point tensors of θ that block-output tuning may adjust after the fit (``reparam.tuning``);
-    # the rest (codes, supports, indices) stay as fitted.
+    # supports and indices stay as fitted, and codes are learned only where ``tuning`` says so.
     TUNABLE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: bool, config: MethodConfig, *,
@@ -79,6 +80,13 @@ class ReparamModule(nn.Module, abc.ABC):
         is about to put them in) holds values the forward cannot use. ``load``
         has already checked keys, shapes, dtypes and finiteness; subclasses
         check what indexes or scales (e.g. indices within range)."""
+
+    @contextlib.contextmanager
+    def tuning(self, *, codes: bool) -> Iterator[tuple[str, ...]]:
+        """Block tuning's hold on this module (``reparam.tuning``): yields the names of the tensors it adjusts,
+        ``TUNABLE``. With ``codes``, a module whose θ holds discrete codes may also have them learned, through
+        a float tensor it adds for the time (``QuantizedLinear``)."""
+        yield self.TUNABLE
 
     def stored_value(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` for tensor ``name`` (one of ``TUNABLE``) as it would be stored: what the forward sees."""

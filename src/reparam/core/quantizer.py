@@ -92,11 +92,11 @@ class Quantizer(abc.ABC):
         return self._compensated(weight, gram, act_order)
 
     def dequantize(self, codes: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """The (out, in) weight that codes and params represent."""
-        columns = codes.shape[1]
-        groups = torch.arange(columns, device=codes.device) // self.group_size
-        levels = self.levels(params.to(torch.float64))  # (out, groups, 2^bits)
-        return levels[:, groups].gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+        """The (out, in) weight that codes and params represent, in params' dtype (differentiable in params)."""
+        rows, columns = codes.shape
+        levels = self.levels(params)  # (out, groups, 2^bits)
+        padded = nn.functional.pad(codes, (0, levels.shape[1] * self.group_size - columns))
+        return levels.gather(-1, padded.view(rows, levels.shape[1], -1)).flatten(1)[:, :columns]
 
     def fit_all(self, weight: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """Fp16-exact params (rows, groups, P) of every group of a float64 weight (rows, in), fitted together.
