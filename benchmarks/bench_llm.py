@@ -10,6 +10,7 @@ load: "dense" is that dequantized model.
     python benchmarks/bench_llm.py --methods dense affine-4 --pipelines sequential --windows 8 --calib 8
     python benchmarks/bench_llm.py --methods shift_add-3 --pipelines sequential --tune --threads 2
     python benchmarks/bench_llm.py --methods shift_add-3 --pipelines sequential --tune --end-to-end 2 --threads 2
+    python benchmarks/bench_llm.py --methods shift_add-3 --pipelines sequential --tune --tune-codes --threads 2
     python benchmarks/bench_llm.py --methods low_rank-0.8 --pipelines sequential --tune 4 --tune-lr 3e-3 \
         --tune-batches 1 --threads 2
     python benchmarks/bench_llm.py --list
@@ -83,10 +84,12 @@ def worker(job: dict) -> dict:
     gc.collect()
     loaded = psutil.Process().memory_info().rss
     tuning = reparam.BlockTuning(epochs=job["tune"], lr=job["tune_lr"], batches_per_step=job["tune_batches"],
-                                 end_to_end_epochs=job["end_to_end"]) if job["tune"] else None
+                                 end_to_end_epochs=job["end_to_end"], codes=job["tune_codes"]) if job["tune"] else None
     end_to_end = f", end to end {tuning.end_to_end_epochs}" if tuning and tuning.end_to_end_epochs else ""
+    codes = ", codes" if tuning and tuning.codes else ""
     row = {"config": job["name"], "pipeline": job["pipeline"] or "-",
-           "tune": f"{tuning.epochs} (lr {tuning.lr:g}, {tuning.batches_per_step}/step{end_to_end})" if tuning else 0}
+           "tune": f"{tuning.epochs} (lr {tuning.lr:g}, {tuning.batches_per_step}/step{end_to_end}{codes})"
+           if tuning else 0}
     if job["recipe"] is not None:
         with PeakRss() as peak:
             start = time.perf_counter()
@@ -119,6 +122,8 @@ def main() -> None:
     parser.add_argument("--tune-batches", type=int, default=4, metavar="N", help="BlockTuning.batches_per_step (4)")
     parser.add_argument("--end-to-end", type=int, default=0, metavar="EPOCHS",
                         help="with --tune: BlockTuning.end_to_end_epochs, all blocks tuned together at the end (0)")
+    parser.add_argument("--tune-codes", action="store_true",
+                        help="with --tune: BlockTuning(codes=True), the quantizers' codes learned too")
     parser.add_argument("--out", default="llm", help="results/<out>.json and .md")
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -135,7 +140,8 @@ def main() -> None:
         for pipeline in ([None] if CONFIGS[name] is None else args.pipelines):
             job = {"name": name, "recipe": CONFIGS[name], "pipeline": pipeline, "windows": args.windows,
                    "calib": args.calib, "threads": args.threads, "tune": args.tune,
-                   "tune_lr": args.tune_lr, "tune_batches": args.tune_batches, "end_to_end": args.end_to_end}
+                   "tune_lr": args.tune_lr, "tune_batches": args.tune_batches, "end_to_end": args.end_to_end,
+                   "tune_codes": args.tune_codes}
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             try:
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], env=env,

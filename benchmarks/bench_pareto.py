@@ -57,7 +57,7 @@ COMPOSED = {
 TUNED = {f"{label} +tune": config for label, config in {
     **AUTO, **{label: SINGLE[label] for label in ("shift_add 2b", "shift_add 3b", "shift_add 3b row")},
     "rotated shift_add 3b row": COMPOSED["rotated shift_add 3b row"]}.items()}
-TUNING = reparam.BlockTuning(epochs=4, batches_per_step=1)
+TUNING = reparam.BlockTuning(epochs=4, batches_per_step=1, codes=True)
 # and the "+e2e" rows: then every block tuned together to the dense output of the last (end_to_end_epochs)
 TUNED["auto 3.0 +tune +e2e"] = AUTO["auto 3.0"]
 # the default candidates and rotated shift_add with one group per row (docs/budget.md, "Fewer scales")

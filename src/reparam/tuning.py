@@ -1,6 +1,6 @@
 """Block-output tuning: after a block's layers are fitted one by one, their
-continuous tensors (quantization scales, factors) and the
-quantizers' codes are adjusted together by a few steps of Adam so that the
+continuous tensors (quantization scales, factors), and optionally the
+quantizers' codes, are adjusted together by a few steps of Adam so that the
 converted block's output matches the dense model's hidden state after that
 block, on the calibration data.
 
@@ -12,11 +12,11 @@ tensors to the block's output is block-wise reconstruction (BRECQ, Li et al.
 small: two epochs over the calibration batches by default, and the supports
 and ranks stay as fitted. What the forward sees is each tensor as it will be
 stored (fp16, sums of powers of two), the gradient passing straight through
-that rounding. Codes are learned through a float weight per quantized layer
-whose nearest levels the forward uses, its gradient passing straight through
-the choice of level (``QuantizedLinear.tuning``; ``BlockTuning(codes=False)``
-tunes the scales alone). A block keeps the tuned values only if its output
-error over all calibration batches went down.
+that rounding. With ``BlockTuning(codes=True)`` the quantizers' codes are
+learned too, through a float weight per quantized layer whose nearest levels
+the forward uses, its gradient passing straight through the choice of level
+(``QuantizedLinear.tuning``). A block keeps the tuned values only if its
+output error over all calibration batches went down.
 
 Run by the sequential pipeline (``convert(..., tune=True)``). The targets
 are the dense model's own hidden states, carried block by block beside the
@@ -59,10 +59,12 @@ class BlockTuning:
     lr: float = 1e-2
     batches_per_step: int = 4  # calibration batches whose gradients make one step
     seed: int = 0  # the order of the batches
-    # Learn the quantizers' codes too, not only their scales (``QuantizedLinear.tuning``). MiniLM, rotated
-    # shift_add 3-bit with one group per row, 4 epochs: fidelity 0.9777 with the scales alone, 0.9854 with the
-    # codes (docs/budget.md). It holds a float32 copy of each weight of the block, and Adam's two moments of it.
-    codes: bool = True
+    # Learn the quantizers' codes too, not only their scales (``QuantizedLinear.tuning``). MiniLM, 4 epochs one
+    # batch per step: auto 3.0 bits 0.9741 -> 0.9807 fidelity, shift_add 2-bit 0.9324 -> 0.9532 (docs/budget.md).
+    # Off by default for its cost: a float32 copy of each of the block's weights and Adam's two moments of it,
+    # and on SmolLM2 shift_add-3 (2 epochs, 4 windows per step) 1.8x the conversion time (775 s against 429 s)
+    # for perplexity 18.54 -> 18.44 (docs/llm.md).
+    codes: bool = False
     # After the last block: passes in which every converted block's tensors are tuned together, so that the last
     # block's output matches the dense model's (EfficientQAT's end-to-end stage, on the block stack); 0 skips it.
     # Off by default for its time: on SmolLM2 2 epochs took longer than the block tuning (docs/llm.md).
