@@ -262,7 +262,7 @@ class QuantizedLinear(ReparamModule):
             try:
                 yield names + (LATENT,)
                 with torch.no_grad():
-                    self.planes.copy_(planes_from_codes(self._latent_codes(), self.config.bits))
+                    self.planes.copy_(planes_from_codes(self._nearest_codes(self._buffers[LATENT]), self.config.bits))
             finally:
                 del self._buffers[LATENT]
 
@@ -291,16 +291,16 @@ class QuantizedLinear(ReparamModule):
         """The (out, padded in) float32 weight the planes and params hold."""
         return decode_weight(self.planes, *self.linear_form(), self.config.group_size, torch.float32)
 
-    def _latent_codes(self) -> torch.Tensor:
+    def _nearest_codes(self, latent: torch.Tensor) -> torch.Tensor:
         """The code of the level nearest to each weight of ``latent`` (padded columns: code 0, as fitted)."""
-        codes = self.quantizer.encode_all(self.params.detach().float(), self._buffers[LATENT].detach())
+        codes = self.quantizer.encode_all(self.params.detach().float(), latent.detach())
         codes[:, self.in_features:] = 0
         return codes
 
     def _nearest_levels(self, latent: torch.Tensor) -> torch.Tensor:
         """The nearest levels to ``latent``: their values follow the params, their gradient passes straight
         through to ``latent`` (the choice of level is not differentiable)."""
-        levels = self.quantizer.dequantize(self._latent_codes(), self.params.float())
+        levels = self.quantizer.dequantize(self._nearest_codes(latent), self.params.float())
         return levels + (latent - latent.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
