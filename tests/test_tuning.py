@@ -256,7 +256,7 @@ def test_tune_needs_block_by_block_conversion():
     (dict(lr=float("nan")), "tune: lr=nan must be a positive number"),
     (dict(end_to_end_epochs=-1), "tune: end_to_end_epochs=-1 must be a non-negative integer"),
     (dict(end_to_end_lr=0), "tune: end_to_end_lr=0 must be a positive number"),
-    (dict(codes=1), "tune: codes=1 must be True or False"),
+    (dict(codes=1), "tune: codes=1 must be true or false"),
 ])
 def test_bad_tuning_settings_name_the_field(bad, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):

@@ -43,7 +43,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .calibration import block_hidden_state
-from .core.config import ConfigError
+from .core.config import ConfigError, check_flag
 from .core.module import ReparamModule
 
 
@@ -77,8 +77,7 @@ class BlockTuning:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 kind = "a positive integer" if least else "a non-negative integer"
                 raise ConfigError(f"tune: {name}={value!r} must be {kind}")
-        if not isinstance(self.codes, bool):
-            raise ConfigError(f"tune: codes={self.codes!r} must be True or False")
+        check_flag("tune", "codes", self.codes)
         for name in ("lr", "end_to_end_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -119,13 +118,14 @@ def tune_block(block: nn.Module, inputs: list[tuple[torch.Tensor, tuple, dict, t
     with contextlib.ExitStack() as holds:
         tuned = {f"{name}.{tensor}" if name else tensor: (m, tensor) for name, m in modules.items()
                  for tensor in holds.enter_context(m.tuning(codes=tuning.codes))}
-        return _tune(block, tuned, inputs, targets, tuning) if tuned else None
+        return _tune(block, list(modules.values()), tuned, inputs, targets, tuning) if tuned else None
 
 
-def _tune(block: nn.Module, tuned: dict[str, tuple[ReparamModule, str]],
+def _tune(block: nn.Module, modules: list[ReparamModule], tuned: dict[str, tuple[ReparamModule, str]],
           inputs: list[tuple[torch.Tensor, tuple, dict, torch.Tensor | None]], targets: list[torch.Tensor],
           tuning: BlockTuning) -> TuningResult:
-    """``tune_block`` on the tensors ``tuned`` (block path of the tensor → (its module, its name))."""
+    """``tune_block`` on the tensors ``tuned`` (block path of the tensor → (its module, its name)) of the
+    block's converted layers ``modules``."""
     # Adam on θ = value / step: Adam's steps do not depend on the gradient's scale, so each tensor moves by
     # ``lr`` times its typical size. θ is the only float32 copy; the module's own tensors stay as fitted
     # until the tuned values are kept. A tensor of zeros gets a tiny step: it stays (nearly) where it is.
@@ -164,7 +164,7 @@ def _tune(block: nn.Module, tuned: dict[str, tuple[ReparamModule, str]],
                     outputs.append(output)
         return total / len(inputs), outputs
 
-    with _differentiable_forward(m for m in block.modules() if isinstance(m, ReparamModule)):
+    with _differentiable_forward(modules):
         before, _ = evaluate(keep=False, as_fitted=True)  # the outputs are remade in the rare case they are kept
         parameters = list(thetas.values())
         optimizer = torch.optim.Adam(parameters, lr=tuning.lr)
