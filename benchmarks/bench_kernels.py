@@ -20,7 +20,8 @@ keeps the script free of slow fits. Cases and the issue's targets:
   (random int4 weights), beside the bit-plane kernel;
 - shift_add 3-bit 4096² at 128 tokens with bf16 products (torch's "medium"
   float32 matmul precision, and bf16 inputs) against dense in the same setting;
-- the LUT / decode-and-GEMM crossover: both compiled paths at 1–32 tokens.
+- the LUT / decode-and-GEMM crossover: both compiled paths at 1–128 tokens, and the
+  crossover ``bitplane_linear`` measured on this machine for 2, 3 and 4 planes.
 
 Results: benchmarks/results/kernels.{json,md}.
 """
@@ -147,6 +148,13 @@ def crossover(in_features: int, out_features: int, tokens: tuple[int, ...], roun
     return rows
 
 
+CROSSOVER_TOKENS = (1, 4, 8, 16, 32, 64, 128)
+
+
+def describe_limit(tokens: int) -> str:
+    return "no limit" if tokens == 2 ** 63 - 1 else str(tokens)
+
+
 def cases(quick: bool) -> list[tuple[str, str, nn.Module, int, float]]:
     """(case, shape, layer, tokens, target speedup)."""
     big = [("shift_add 3-bit", random_quantized("shift_add", 3, 4096, 4096), 1, 3.0),
@@ -174,7 +182,7 @@ def main() -> None:
     rounds = 5 if args.quick else 15
     torch.manual_seed(0)
     layers = cases(args.quick)
-    rows, int4_rows, bf16_rows, crossover_rows = [], [], [], []
+    rows, int4_rows, bf16_rows, crossover_rows, measured_rows = [], [], [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, shape, layer, tokens, target in layers:
@@ -188,8 +196,11 @@ def main() -> None:
         bf16_rows.append({"threads": threads, **bf16_products(128, rounds)})
         print(bf16_rows[-1], flush=True)
         crossover_rows += [{"threads": threads, **row}
-                           for row in crossover(4096, 4096, (1, 4, 8, 12, 16, 32), rounds)
-                           + crossover(576, 1536, (1, 4, 8, 12, 16, 32), rounds)]
+                           for row in crossover(4096, 4096, CROSSOVER_TOKENS, rounds)
+                           + crossover(576, 1536, CROSSOVER_TOKENS, rounds)]
+        limits = {f"{bits} planes": describe_limit(compiled_ops().lut_crossover(bits)) for bits in (2, 3, 4)}
+        measured_rows.append({"threads": threads, **limits})
+        print(measured_rows[-1], flush=True)
     notes = ("Random layer contents (speed only). Speedup = dense fp32 nn.Linear time / layer time, "
              "interleaved, medians.\n\n## torch int4 (_weight_int4pack_mm_for_cpu) vs bit-plane, affine 4-bit "
              "4096², 1 token\n\n" + markdown(int4_rows)
@@ -197,7 +208,9 @@ def main() -> None:
              "\"medium\": torch.set_float32_matmul_precision(\"medium\") (bf16 products for float32 matmuls, "
              "dense ones included); \"bf16\": bf16 inputs, against a bf16 nn.Linear.\n\n" + markdown(bf16_rows)
              + "\n\n## Compiled LUT vs decode-and-GEMM (shift_add "
-             "3-bit)\n\n" + markdown(crossover_rows))
+             "3-bit)\n\n" + markdown(crossover_rows)
+             + "\n\n## The crossover bitplane_linear measured on this machine (most tokens the LUT takes)\n\n"
+             + markdown(measured_rows))
     command = "python benchmarks/bench_kernels.py " + " ".join(
         ["--threads", *map(str, args.threads)] + (["--quick"] if args.quick else []))
     print(write_results("kernels", rows, command, notes))

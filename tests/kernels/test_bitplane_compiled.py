@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reparam.kernels.bitplane import LUT_MAX_TOKENS, bitplane_linear, bitplane_reference, decode_weight
+from reparam.kernels.bitplane import bitplane_linear, bitplane_reference, decode_weight
 from reparam.kernels.extension import compiled_entry, compiled_ops
 
 ops = compiled_ops()
@@ -67,7 +67,7 @@ def test_compiled_matches_reference(isa, op, tokens, out_features, in_features, 
     check(result, x, planes, coef, offset, group, b)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 17, 40])  # the LUT in passes of 4 tokens, and both sides of the crossover
+@pytest.mark.parametrize("tokens", [1, 5, 17, 40])  # the LUT in passes of 4 tokens; above 16, the measured choice
 def test_dispatch_matches_reference_on_batched_shapes(tokens, random_layer):
     planes, coef, offset, b = random_layer(96, 160, 3, 32)
     x = torch.randn(tokens, 2, 160)[:, 1]  # a non-contiguous input
@@ -110,25 +110,62 @@ def test_no_tokens_give_an_empty_output(op, random_layer):
     assert getattr(ops, op)(torch.randn(0, 64), planes, coef, offset, 32, b).shape == (0, 40)
 
 
-@pytest.mark.parametrize("tokens", [1, LUT_MAX_TOKENS, LUT_MAX_TOKENS + 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_eager_entry_picks_the_op_by_tokens(tokens, dtype, random_layer):
+PINNED = 70  # a crossover above the LUT's 64-token chunks
+
+
+@pytest.fixture
+def pinned_crossover():
+    """The LUT/decode-and-GEMM crossover of 3-plane layers pinned to PINNED tokens, unpinned after."""
+    previous = ops.set_lut_crossover(3, PINNED)
+    yield PINNED
+    ops.set_lut_crossover(3, previous)
+
+
+# Up to 16 tokens the LUT always runs; above, up to the crossover, unless decode-and-GEMM multiplies in bf16.
+@pytest.mark.parametrize("dtype, tokens, kernel", [
+    *[(dtype, tokens, "bitplane_lut") for dtype in (torch.float32, torch.float16) for tokens in (1, 16, 20, PINNED)],
+    *[(dtype, PINNED + 1, "bitplane_decode_mm") for dtype in (torch.float32, torch.float16, torch.bfloat16)],
+    (torch.bfloat16, 16, "bitplane_lut")], ids=str)
+def test_linear_picks_the_kernel_by_tokens(dtype, tokens, kernel, pinned_crossover, random_layer):
     planes, coef, offset, b = random_layer(70, 96, 3, 32)
     x = torch.randn(tokens, 96).to(dtype)
-    op = ops.bitplane_lut if tokens <= LUT_MAX_TOKENS else ops.bitplane_decode_mm
-    result = compiled_entry().bitplane_linear(x, planes, coef, offset, 32, b, LUT_MAX_TOKENS)
-    torch.testing.assert_close(result, op(x, planes, coef, offset, 32, b), rtol=0, atol=0)
+    expected = getattr(ops, kernel)(x, planes, coef, offset, 32, b)
+    torch.testing.assert_close(ops.bitplane_linear(x, planes, coef, offset, 32, b), expected, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_entry().bitplane_linear(x, planes, coef, offset, 32, b), expected,
+                               rtol=0, atol=0)
+
+
+def test_lut_over_several_token_chunks_matches_reference(pinned_crossover, random_layer):
+    planes, coef, offset, b = random_layer(130, 96, 3, 32)
+    x = torch.randn(PINNED, 96)
+    assert_close_to_reference(ops.bitplane_linear(x, planes, coef, offset, 32, b), x, planes, coef, offset, 32, b)
+
+
+def test_the_crossover_is_measured_once_and_can_be_pinned():
+    previous = ops.set_lut_crossover(2, -1)  # unpinned: the measured one
+    try:
+        measured = ops.lut_crossover(2)
+        assert measured in (16, 32, 64, 128, 256, 2 ** 63 - 1)  # the probes, or no limit
+        assert ops.lut_crossover(2) == measured  # kept, not measured again (another measurement could differ)
+        assert ops.set_lut_crossover(2, 5) == -1
+        assert ops.lut_crossover(2) == 5
+        assert ops.set_lut_crossover(2, -1) == 5
+        assert ops.lut_crossover(2) == measured
+    finally:
+        ops.set_lut_crossover(2, previous)
+    with pytest.raises(RuntimeError, match="lut_crossover takes 1 to 8 planes, got 9"):
+        ops.lut_crossover(9)
 
 
 def test_eager_entry_records_autograd_only_when_needed(random_layer):
     planes, coef, offset, b = random_layer(70, 96, 3, 32)
     x = torch.randn(2, 96, requires_grad=True)
     entry = compiled_entry().bitplane_linear
-    assert entry(x, planes, coef, offset, 32, b, LUT_MAX_TOKENS).grad_fn is not None
-    assert entry(x.detach(), planes, coef, offset, 32, b.requires_grad_(), LUT_MAX_TOKENS).grad_fn is not None
-    assert entry(x.detach(), planes, coef, offset, 32, b.detach(), LUT_MAX_TOKENS).grad_fn is None
+    assert entry(x, planes, coef, offset, 32, b).grad_fn is not None
+    assert entry(x.detach(), planes, coef, offset, 32, b.requires_grad_()).grad_fn is not None
+    assert entry(x.detach(), planes, coef, offset, 32, b.detach()).grad_fn is None
     with torch.no_grad():
-        assert entry(x, planes, coef, offset, 32, b.requires_grad_(), LUT_MAX_TOKENS).grad_fn is None
+        assert entry(x, planes, coef, offset, 32, b.requires_grad_()).grad_fn is None
 
 
 @pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
@@ -200,7 +237,7 @@ def test_gradients_through_the_compiled_op_match_the_dense_layer():
     torch.testing.assert_close(grad_bias, layer.bias.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm"])
+@pytest.mark.parametrize("op", ["bitplane_lut", "bitplane_decode_mm", "bitplane_linear"])
 def test_op_registration_passes_opcheck(op, random_layer):
     planes, coef, offset, b = random_layer(64, 96, 2, 32)
     x = torch.randn(2, 96, requires_grad=True)
@@ -215,11 +252,11 @@ def test_compiled_graph_keeps_the_op_whole():
         torch.testing.assert_close(compiled(x), layer(x))
 
 
-def test_gradients_through_the_threaded_decode_path():
+def test_gradients_through_the_threaded_decode_path(pinned_crossover):
     # Several output tiles at 2 threads: the GEMMs of OpenMP's worker threads must not see x's autograd
     # (the op's autograd wrapper excludes it only on the calling thread); LoRA on a compressed layer does this.
     layer = shift_add_layer(out_features=300)
-    x = torch.randn(LUT_MAX_TOKENS + 8, 96, requires_grad=True)
+    x = torch.randn(pinned_crossover + 8, 96, requires_grad=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -115,3 +115,18 @@ def test_layer_inference_with_cached_dense_s_follows_its_codes():
     x.requires_grad_()
     layer(x).sum().backward()  # with autograd on, the differentiable path: values get their gradient
     assert layer.values.grad is not None and layer.values.grad.abs().sum() > 0
+
+
+def test_a_layer_built_under_inference_mode_follows_its_codes():
+    # Inference tensors keep no version counter: the layer must not cache what it cannot invalidate.
+    from reparam.methods.dense_sparse import DenseSparseConfig, DenseSparseLinear
+
+    with torch.inference_mode():
+        layer = DenseSparseLinear(40, 30, True, DenseSparseConfig(atoms=12, nnz=4)).eval()
+        d, values, indices = random_factors(30, 40, 12, 4)
+        layer.d.copy_(d), layer.values.copy_(values), layer.indices.copy_(indices)
+        x = torch.randn(2, 40)
+        for _ in range(2):
+            expected = dense_sparse_reference(x, layer.d, layer.values, layer.indices, layer.bias)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            layer.values.mul_(-2)

@@ -23,10 +23,11 @@ are contiguous, which is what a CPU gather and coalesced GPU loads want.
   decode tile by tile into a reused buffer and GEMM.
 
 ``bitplane_linear`` picks: on CUDA the GEMV kernel up to ``GEMV_MAX_TOKENS``
-tokens and the tiled one above; on CPU the compiled LUT up to
-``LUT_MAX_TOKENS`` tokens and the compiled decode-and-GEMM above (crossover
-measured by ``benchmarks/bench_kernels.py``), or, when the extension cannot be
-built, the torch LUT and decode-and-matmul.
+tokens and the tiled one above; on CPU the compiled op ``bitplane_linear``,
+which runs the LUT up to a crossover token count it measures on the machine
+the first time it needs it (``csrc/bitplane_choice.cpp``; ``lut_crossover``
+reads it, ``set_lut_crossover`` pins it) and decode-and-GEMM above; or, when
+the extension cannot be built, the torch LUT and decode-and-matmul.
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ except ImportError:  # the kernel is optional: CPU paths need only torch
 from ..core.bitpack import from_planes, to_planes
 from .extension import compiled_entry, compiled_ops
 
-LUT_MAX_TOKENS = 16
 TORCH_LUT_MAX_TOKENS = 16  # the torch fallback's crossover (benchmarks/bench_shift_add.py)
 GEMV_MAX_TOKENS = 16
 _LUT_CHUNK = 1 << 22  # lookups per step, bounding the LUT's scratch memory
@@ -121,7 +121,7 @@ def register_compiled_ops() -> None:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         return grad @ weight, None, None, None, None, grad_bias
 
-    for name in ("reparam_cpu::bitplane_lut", "reparam_cpu::bitplane_decode_mm"):
+    for name in ("reparam_cpu::bitplane_lut", "reparam_cpu::bitplane_decode_mm", "reparam_cpu::bitplane_linear"):
         torch.library.register_fake(name, fake)
         torch.library.register_autograd(name, backward, setup_context=setup_context)
 
@@ -130,14 +130,12 @@ def bitplane_linear(x, planes, coef, offset, group_size, bias=None):
     """The forward of a bit-plane layer on any device; ``coef`` and ``offset`` float32."""
     if x.is_cpu:
         entry = compiled_entry()
-        if entry is not None and not torch.compiler.is_compiling():  # eager: one call into csrc/python_entry.cpp
-            return entry.bitplane_linear(x, planes, coef, offset, group_size, bias, LUT_MAX_TOKENS)
+        if entry is not None:
+            if torch.compiler.is_compiling():  # traced: the registered op, a single graph node
+                return compiled_ops().bitplane_linear(x, planes, coef, offset, group_size, bias)
+            return entry.bitplane_linear(x, planes, coef, offset, group_size, bias)  # csrc/python_entry.cpp
     elif x.is_cuda and triton is not None:
         kernel = bitplane_gemv if x.numel() // x.shape[-1] <= GEMV_MAX_TOKENS else bitplane_triton
-        return kernel(x, planes, coef, offset, group_size, bias)
-    if x.is_cpu and compiled_entry() is not None:  # coef and offset in any strides; outputs contiguous is fastest
-        ops = compiled_ops()  # traced: the registered ops, single graph nodes
-        kernel = ops.bitplane_lut if x.numel() // x.shape[-1] <= LUT_MAX_TOKENS else ops.bitplane_decode_mm
         return kernel(x, planes, coef, offset, group_size, bias)
     if x.numel() // x.shape[-1] <= TORCH_LUT_MAX_TOKENS:
         return bitplane_lut(x, planes, coef, offset, group_size, bias)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .extension import compiled_entry
 
-COMPILED_MAX_TOKENS = 2  # measured: 2.0-2.5x the library at 1 token, 1.0-2.0x at 2, 0.8-1.3x at 4
+COMPILED_MAX_TOKENS = 8  # measured: 1.1-3.6x the library up to 8 tokens, 0.9-1.25x at 16 (docs/kernels.md)
 
 
 def factor_chain_reference(x, first, second, bias=None):

@@ -42,6 +42,8 @@ namespace reparam {
 namespace {
 
 constexpr int64_t kTokensPerPass = 4;  // token tables held in registers at once
+// Tokens whose tables are built at once: 64·in·16 bytes (4 MB at 4096 inputs) bounds the scratch at any batch.
+constexpr int64_t kTokensPerChunk = 64;
 constexpr int64_t kDecodeTile = 128;   // outputs per decoded tile
 constexpr int64_t kDecodeBlockBytes = 128;  // plane bytes per tile: a (1024, 128) float tile, 512 KB, stays in L2
 constexpr int64_t kMaxBits = 8;
@@ -339,28 +341,32 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
   const float* bias_ptr = float_bias(bias, w.out, bias_owner);
   at::Tensor y = output_for(x, w.out);
   if (tokens == 0) return y;
-  float* tables = scratch(tables_buffer, tokens * quads * 16);
-  float* xsum = scratch(xsum_buffer, tokens * w.groups);
+  const int64_t chunk = std::min(tokens, kTokensPerChunk);
+  float* tables = scratch(tables_buffer, chunk * quads * 16);
+  float* xsum = scratch(xsum_buffer, chunk * w.groups);
   const int isa = active_isa();
   const int64_t block = isa == kIsaAvx512 ? 64 : isa == kIsaAvx2 ? 32 : 64;
   const int64_t blocks = (w.out + block - 1) / block;
   // Threads only where each gets ~2^20 weight-plane lookups (~15 µs): on smaller layers waking and joining a
   // second thread costs more than it saves, and on a loaded machine the join waits for a descheduled thread.
   // (At 2^22, SmolLM2's and MiniLM's MLP layers, 25-40 µs of lookups, ran on one thread while dense used two.)
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (block * w.nbytes * 8 * w.bits));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (block * w.nbytes * 8 * w.bits * chunk));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitplane_lut", [&] {
-    build_tables<scalar_t>(isa, x2.data_ptr<scalar_t>(), tokens, in, quads, group_size, tables, xsum);
-    const Lut lut{w, tables, quads};
-    scalar_t* out = y.data_ptr<scalar_t>();
-    const auto run = [&](int64_t first, int64_t last) {
-      const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
-      float* acc = scratch(acc_buffer, tokens * (o1 - o0));
-      std::fill(acc, acc + tokens * (o1 - o0), 0.f);
-      lut_range(isa, lut, block, o0, o1, tokens, acc);
-      finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, tokens, out);
-    };
-    if (blocks <= grain) run(0, blocks);  // one thread's work: no parallel region at all
-    else at::parallel_for(0, blocks, grain, run);
+    for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+      const int64_t count = std::min(chunk, tokens - t0);
+      build_tables<scalar_t>(isa, x2.data_ptr<scalar_t>() + t0 * in, count, in, quads, group_size, tables, xsum);
+      const Lut lut{w, tables, quads};
+      scalar_t* out = y.data_ptr<scalar_t>() + t0 * w.out;
+      const auto run = [&](int64_t first, int64_t last) {
+        const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
+        float* acc = scratch(acc_buffer, count * (o1 - o0));
+        std::fill(acc, acc + count * (o1 - o0), 0.f);
+        lut_range(isa, lut, block, o0, o1, count, acc);
+        finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, count, out);
+      };
+      if (blocks <= grain) run(0, blocks);  // one thread's work: no parallel region at all
+      else at::parallel_for(0, blocks, grain, run);
+    }
   });
   return y;
 }
@@ -453,17 +459,6 @@ bool cpu_has_bf16() {
 #endif
 }
 
-// Whether torch itself would multiply this input in bf16: a bf16 input, or a float32 one under
-// torch.backends.mkldnn.matmul.fp32_precision = "bf16" (what torch.set_float32_matmul_precision("medium") sets),
-// the switch torch's own CPU matmuls (a dense nn.Linear among them) follow.
-bool bf16_products(const at::Tensor& x) {
-  if (!cpu_has_bf16()) return false;
-  if (x.scalar_type() == at::kBFloat16) return true;
-  return x.scalar_type() == at::kFloat &&
-         at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
-             at::Float32Precision::BF16;
-}
-
 // Decode-and-GEMM with bf16 products. Chunks of kBf16ChunkOutputs outputs are decoded over the whole input into
 // a bf16 buffer (threads split the chunk's tiles), then multiplied by one GEMM outside any parallel region:
 // inside one, oneDNN's bf16 GEMM ran 1.8x slower than from Python. No partial sum is rounded to bf16 between
@@ -498,8 +493,21 @@ void decode_mm_bf16(int isa, const Layer& w, const at::Tensor& xb, const float* 
 
 }  // namespace
 
+bool bf16_products(const at::Tensor& x) {
+  if (!cpu_has_bf16()) return false;
+  if (x.scalar_type() == at::kBFloat16) return true;
+  return x.scalar_type() == at::kFloat &&
+         at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL) ==
+             at::Float32Precision::BF16;
+}
+
 at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
                               const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  return decode_mm(x, planes, coef, offset, group_size, bias, bf16_products(x));
+}
+
+at::Tensor decode_mm(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef, const at::Tensor& offset,
+                     int64_t group_size, const c10::optional<at::Tensor>& bias, bool bf16) {
   const int64_t in = x.size(-1);
   const Layer w = layer_of(planes, coef, offset, group_size, in);
   const int64_t padded = w.nbytes * 8;
@@ -512,7 +520,7 @@ at::Tensor bitplane_decode_mm(const at::Tensor& x, const at::Tensor& planes, con
   const auto as_float = at::TensorOptions().dtype(at::kFloat);
   const int isa = active_isa();
   at::Tensor y2 = y.view({tokens, w.out});
-  if (bf16_products(x)) {
+  if (bf16) {
     at::Tensor xb = at::from_blob(scratch(bf16_input_buffer, tokens * padded), {tokens, padded},
                                   at::TensorOptions().dtype(at::kBFloat16));
     xb.narrow(1, in, padded - in).zero_();

@@ -1,7 +1,7 @@
 // y = (x·Aᵀ)·Bᵀ + b at a few tokens: the inference forward of the factorized layers (low_rank: A = V, B = U;
 // dense_sparse's CPU path: A = its packed S made dense, B = D). Two library GEMVs cost a fixed ~9 µs each on
 // these shapes here (a 96x384 product took as long as a 384x384 one), more than their arithmetic; this runs both
-// products in one call, four rows of A or B at a time against one or two tokens, 16 columns per FMA. Outputs
+// products in one call, four rows of A or B at a time against up to four tokens, 16 columns per FMA. Outputs
 // equal the library's up to float summation order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,7 +19,7 @@ namespace {
 
 constexpr int64_t kGrainMacs = int64_t{1} << 18;  // multiply-adds a thread takes at least (~30 µs)
 
-constexpr int64_t kMaxTokens = 2;  // tokens per pass over the weights (more fill the registers: slower than MKL)
+constexpr int64_t kTokensPerPass = 4;  // tokens per pass over the weights: 4 rows x 4 tokens of sums in registers
 
 // y[t, o] = Σ_j w[o, j]·x[t, j] (+ bias[o]) for rows o in [o0, o1) of a row-major (rows, in) w, tokens t < tok;
 // x (tok, in) and y (tok, rows) row-major.
@@ -73,19 +73,31 @@ void gemv_avx512(const float* w, const float* x, int64_t in, int64_t rows, int64
 }
 #endif
 
-// y (tok, rows) = x (tok, in)·wᵀ + bias, threaded over rows when each thread gets kGrainMacs.
-void gemv(int isa, const float* w, const float* x, int64_t tok, int64_t in, int64_t rows, const float* bias,
+// Rows [o0, o1) of y (tok, rows) = x (tok, in)·wᵀ + bias for tok ≤ kTokensPerPass.
+void gemv_pass(int isa, const float* w, const float* x, int64_t tok, int64_t in, int64_t rows, int64_t o0,
+               int64_t o1, const float* bias, float* y) {
+#ifdef REPARAM_X86
+  if (isa == kIsaAvx512) {
+    switch (tok) {
+      case 1: return gemv_avx512<1>(w, x, in, rows, o0, o1, bias, y);
+      case 2: return gemv_avx512<2>(w, x, in, rows, o0, o1, bias, y);
+      case 3: return gemv_avx512<3>(w, x, in, rows, o0, o1, bias, y);
+      default: return gemv_avx512<4>(w, x, in, rows, o0, o1, bias, y);
+    }
+  }
+#endif
+  gemv_scalar(w, x, tok, in, rows, o0, o1, bias, y);
+}
+
+// y (tokens, rows) = x (tokens, in)·wᵀ + bias, threaded over rows when each thread gets kGrainMacs; each thread
+// sweeps its rows once per kTokensPerPass tokens.
+void gemv(int isa, const float* w, const float* x, int64_t tokens, int64_t in, int64_t rows, const float* bias,
           float* y) {
   const auto run = [&](int64_t o0, int64_t o1) {
-#ifdef REPARAM_X86
-    if (isa == kIsaAvx512) {
-      return tok == 1 ? gemv_avx512<1>(w, x, in, rows, o0, o1, bias, y)
-                      : gemv_avx512<2>(w, x, in, rows, o0, o1, bias, y);
-    }
-#endif
-    gemv_scalar(w, x, tok, in, rows, o0, o1, bias, y);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTokensPerPass)
+      gemv_pass(isa, w, x + t0 * in, std::min(kTokensPerPass, tokens - t0), in, rows, o0, o1, bias, y + t0 * rows);
   };
-  const int64_t grain = std::max<int64_t>(4, kGrainMacs / std::max<int64_t>(in * tok, 1));
+  const int64_t grain = std::max<int64_t>(4, kGrainMacs / std::max<int64_t>(in * tokens, 1));
   if (rows <= grain) run(0, rows);
   else at::parallel_for(0, rows, grain, run);
 }
@@ -114,14 +126,11 @@ at::Tensor factor_chain_linear(const at::Tensor& x, const at::Tensor& first, con
   auto sizes = x.sizes().vec();
   sizes.back() = out;
   at::Tensor y = at::empty(sizes, x.options());
-  float* codes = scratch(codes_buffer, kMaxTokens * rank);
+  float* codes = scratch(codes_buffer, tokens * rank);
   const int isa = active_isa();
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  for (int64_t t0 = 0; t0 < tokens; t0 += kMaxTokens) {
-    const int64_t tok = std::min(kMaxTokens, tokens - t0);
-    gemv(isa, first.data_ptr<float>(), x.data_ptr<float>() + t0 * in, tok, in, rank, nullptr, codes);
-    gemv(isa, second.data_ptr<float>(), codes, tok, rank, out, b, y.data_ptr<float>() + t0 * out);
-  }
+  gemv(isa, first.data_ptr<float>(), x.data_ptr<float>(), tokens, in, rank, nullptr, codes);
+  gemv(isa, second.data_ptr<float>(), codes, tokens, rank, out, b, y.data_ptr<float>());
   return y;
 }
 

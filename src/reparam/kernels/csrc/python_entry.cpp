@@ -20,28 +20,23 @@ c10::TypedOperatorHandle<KernelSignature> registered_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<KernelSignature>();
 }
 
-// The LUT up to lut_max_tokens tokens, decode-and-GEMM above (the crossover lives in bitplane.py).
-at::Tensor bitplane_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
-                           const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias,
-                           int64_t lut_max_tokens) {
-  const int64_t in = x.dim() > 0 ? x.size(-1) : 0;
-  const bool lut = (in > 0 ? x.numel() / in : 0) <= lut_max_tokens;
+// bitplane_linear (bitplane_choice.cpp: the LUT or decode-and-GEMM), straight to the kernel unless autograd records.
+at::Tensor entry_bitplane_linear(const at::Tensor& x, const at::Tensor& planes, const at::Tensor& coef,
+                                 const at::Tensor& offset, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   const bool records =
       at::GradMode::is_enabled() && (x.requires_grad() || (bias.has_value() && bias->requires_grad()));
   if (records) {
-    static const auto lut_op = registered_op("reparam_cpu::bitplane_lut");
-    static const auto decode_mm_op = registered_op("reparam_cpu::bitplane_decode_mm");
-    return (lut ? lut_op : decode_mm_op).call(x, planes, coef, offset, group_size, bias);
+    static const auto op = registered_op("reparam_cpu::bitplane_linear");
+    return op.call(x, planes, coef, offset, group_size, bias);
   }
-  return lut ? bitplane_lut(x, planes, coef, offset, group_size, bias)
-             : bitplane_decode_mm(x, planes, coef, offset, group_size, bias);
+  return reparam::bitplane_linear(x, planes, coef, offset, group_size, bias);
 }
 
 }  // namespace
 }  // namespace reparam
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bitplane_linear", &reparam::bitplane_linear,
+  m.def("bitplane_linear", &reparam::entry_bitplane_linear,
         "bitplane_lut or bitplane_decode_mm by token count, straight to the kernel when autograd records nothing",
         py::call_guard<py::gil_scoped_release>());
   m.def("factor_chain_linear", &reparam::factor_chain_linear,
