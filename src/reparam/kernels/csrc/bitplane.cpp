@@ -341,32 +341,52 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
   const float* bias_ptr = float_bias(bias, w.out, bias_owner);
   at::Tensor y = output_for(x, w.out);
   if (tokens == 0) return y;
-  const int64_t chunk = std::min(tokens, kTokensPerChunk);
-  float* tables = scratch(tables_buffer, chunk * quads * 16);
-  float* xsum = scratch(xsum_buffer, chunk * w.groups);
   const int isa = active_isa();
   const int64_t block = isa == kIsaAvx512 ? 64 : isa == kIsaAvx2 ? 32 : 64;
   const int64_t blocks = (w.out + block - 1) / block;
-  // Threads only where each gets ~2^20 weight-plane lookups (~15 µs): on smaller layers waking and joining a
-  // second thread costs more than it saves, and on a loaded machine the join waits for a descheduled thread.
-  // (At 2^22, SmolLM2's and MiniLM's MLP layers, 25-40 µs of lookups, ran on one thread while dense used two.)
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (block * w.nbytes * 8 * w.bits * chunk));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitplane_lut", [&] {
-    for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
-      const int64_t count = std::min(chunk, tokens - t0);
-      build_tables<scalar_t>(isa, x2.data_ptr<scalar_t>() + t0 * in, count, in, quads, group_size, tables, xsum);
-      const Lut lut{w, tables, quads};
-      scalar_t* out = y.data_ptr<scalar_t>() + t0 * w.out;
-      const auto run = [&](int64_t first, int64_t last) {
-        const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
-        float* acc = scratch(acc_buffer, count * (o1 - o0));
-        std::fill(acc, acc + count * (o1 - o0), 0.f);
-        lut_range(isa, lut, block, o0, o1, count, acc);
-        finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, count, out);
-      };
+    const scalar_t* rows = x2.data_ptr<scalar_t>();
+    scalar_t* out = y.data_ptr<scalar_t>();
+    // Output blocks [first, last) of `count` tokens from t0, whose tables are built.
+    const auto lookups = [&](const Lut& lut, const float* xsum, int64_t t0, int64_t count, int64_t first,
+                             int64_t last) {
+      const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
+      float* acc = scratch(acc_buffer, count * (o1 - o0));
+      std::fill(acc, acc + count * (o1 - o0), 0.f);
+      lut_range(isa, lut, block, o0, o1, count, acc);
+      finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, count, out + t0 * w.out);
+    };
+    // The tables of `count` tokens from t0, in the calling thread's scratch.
+    const auto tables_of = [&](int64_t t0, int64_t count, float*& xsum) {
+      float* tables = scratch(tables_buffer, count * quads * 16);
+      xsum = scratch(xsum_buffer, count * w.groups);
+      build_tables<scalar_t>(isa, rows + t0 * in, count, in, quads, group_size, tables, xsum);
+      return Lut{w, tables, quads};
+    };
+    if (tokens <= kTokensPerChunk) {
+      float* xsum;
+      const Lut lut = tables_of(0, tokens, xsum);
+      // Threads split the outputs only where each gets ~2^20 weight-plane lookups (~15 µs): on smaller layers
+      // waking and joining a second thread costs more than it saves, and on a loaded machine the join waits for a
+      // descheduled thread. (At 2^22, SmolLM2's and MiniLM's MLP layers, 25-40 µs of lookups, ran on one thread
+      // while dense used two.)
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (block * w.nbytes * 8 * w.bits * tokens));
+      const auto run = [&](int64_t first, int64_t last) { lookups(lut, xsum, 0, tokens, first, last); };
       if (blocks <= grain) run(0, blocks);  // one thread's work: no parallel region at all
       else at::parallel_for(0, blocks, grain, run);
+      return;
     }
+    // More tokens: threads take whole chunks of kTokensPerChunk and build their tables themselves, in one parallel
+    // region a call. (A region per chunk, with the tables built between them on one thread, made a 32x128-token
+    // MiniLM batch 64 joins a layer.)
+    at::parallel_for(0, (tokens + kTokensPerChunk - 1) / kTokensPerChunk, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const int64_t t0 = c * kTokensPerChunk, count = std::min(kTokensPerChunk, tokens - t0);
+        float* xsum;
+        const Lut lut = tables_of(t0, count, xsum);
+        lookups(lut, xsum, t0, count, 0, blocks);
+      }
+    });
   });
   return y;
 }
