@@ -5,9 +5,9 @@
 //   W[o, j] = Σ_i coef[i, o, g]·bit_i[o, j] + offset[o, g],  g = j / group_size,
 //   planes (bits, padded_in/8, out) uint8, bit k of byte b ↔ column 8b + k.
 //
-// bitplane_lut (few tokens), T-MAC style with exact float tables: for every 4
-// activations of a token a table of the 16 partial sums Σ_m bit_m·x[4q+m] is
-// built once per call; a plane byte's low and high nibbles index the tables of
+// bitplane_lut (few tokens, or any batch where it wins: bitplane_choice.cpp), T-MAC style with exact float
+// tables: for every 4 activations of a token a table of the 16 partial sums Σ_m bit_m·x[4q+m] is built once per
+// call, 64 tokens at a time; a plane byte's low and high nibbles index the tables of
 // its two column quads. With AVX-512 a 16-float table fills one register and
 // vpermps looks up 16 outputs per instruction; with AVX2 two vpermps of
 // 8 floats and a blend do 8. Lookups are summed in float over a group, then
