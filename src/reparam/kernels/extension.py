@@ -14,8 +14,14 @@ The ops (CPU tensors; each also has a shape-only "fake" kernel so that
 ``torch.compile`` and ``torch.export`` trace through them as single nodes,
 and a backward in torch, so layers keep training through them):
 
-- ``bitplane_lut(x, planes, coef, offset, group_size, bias)``: few tokens.
+- ``bitplane_linear(x, planes, coef, offset, group_size, bias)``: one of the two
+  below, by the token count and the crossover measured on this machine.
+- ``bitplane_lut(x, planes, coef, offset, group_size, bias)``: few tokens (or
+  any, on CPUs where it wins).
 - ``bitplane_decode_mm(x, planes, coef, offset, group_size, bias)``: many tokens.
+- ``lut_crossover(bits) -> tokens``, ``set_lut_crossover(bits, tokens) -> previous``:
+  the most tokens ``bitplane_linear`` gives the LUT (measured on first use per
+  thread count; a pin overrides it, ``-1`` unpins).
 - ``dense_sparse_linear(x, d, values, indices, bias)``: few tokens.
 - ``sparse_codes_compensated(...)``: not a forward; dense_sparse's whitened
   code step (``sparse_code.py``), no fake kernel or backward.
