@@ -4,18 +4,19 @@
 //
 // The crossover is measured on the machine, not fixed. Per token the LUT does one permute per 4 weights per
 // plane; decode-and-GEMM decodes the weight once per call, then does one FMA per weight per token. How the two
-// compare is the CPU's business: at 4096², 3 bits, 1 thread, the LUT lost at 16 tokens and above on a Sapphire Rapids
-// (6.9 against 6.5 ms) and still won at 256 on a Zen 5 (52.6 against 89.1 ms). So the first call above
-// kAlwaysLutTokens for a (planes, threads) pair times both kernels on a 2048x2048 layer with that many planes at
-// 32, 64, 128 and 256 tokens (interleaved, medians of 3; 0.1-0.3 s on the Zen 5) and keeps the largest count at
-// which the LUT was still faster; no limit when it won at all of them (beyond, both costs grow linearly with the
-// tokens, the LUT's more slowly). With bf16 products (bitplane_decode_mm's oneDNN bf16 GEMM) the limit is
-// kAlwaysLutTokens.
+// compare is the CPU's business: at 4096², 3 bits, 1 thread, the LUT lost at 16 tokens and above on a Sapphire
+// Rapids (6.9 against 6.5 ms) and still won at 256 on a Zen 5 (52.6 against 89.1 ms); capped to AVX2 on the Zen 5
+// it lost at 16 (12.3 against 11.0 ms). So the first call above kAlwaysLutTokens for a (planes, threads,
+// instruction set) triple times both kernels on a 2048x2048 layer with that many planes at 32, 64, 128 and 256
+// tokens (interleaved, medians of 3; 0.1-0.3 s on the Zen 5) and keeps the largest count at which the LUT was
+// still faster; no limit when it won at all of them (beyond, both costs grow linearly with the tokens, the LUT's
+// more slowly). With bf16 products (bitplane_decode_mm's oneDNN bf16 GEMM) the limit is kAlwaysLutTokens.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "bitplane.h"
+#include "isa.h"
 
 #include <algorithm>
 #include <chrono>
@@ -23,19 +24,19 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <utility>
+#include <tuple>
 #include <vector>
 
 namespace reparam {
 namespace {
 
-constexpr int64_t kAlwaysLutTokens = 16;  // every CPU measured: the LUT won up to 12 tokens, within 7% at 16
+constexpr int64_t kAlwaysLutTokens = 16;  // every CPU measured: the LUT won up to 12 tokens, within 12% at 16
 constexpr int64_t kProbeTokens[] = {32, 64, 128, 256};
 constexpr int64_t kProbeFeatures = 2048, kProbeGroup = 128, kProbeRounds = 3;
 constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
 
 std::mutex crossover_mutex;
-std::map<std::pair<int64_t, int>, int64_t> measured;  // (planes, threads) -> most tokens for the LUT
+std::map<std::tuple<int64_t, int, int>, int64_t> measured;  // (planes, threads, isa) -> most tokens for the LUT
 std::map<int64_t, int64_t> pinned;                   // planes -> most tokens, set by set_lut_crossover
 
 template <typename F>
@@ -78,7 +79,7 @@ int64_t measure_crossover(int64_t bits) {
 int64_t lut_max_tokens(int64_t bits) {
   std::lock_guard<std::mutex> lock(crossover_mutex);
   if (const auto pin = pinned.find(bits); pin != pinned.end()) return pin->second;
-  const auto key = std::make_pair(bits, at::get_num_threads());
+  const auto key = std::make_tuple(bits, at::get_num_threads(), active_isa());
   auto found = measured.find(key);
   if (found == measured.end()) found = measured.emplace(key, measure_crossover(bits)).first;
   return found->second;
