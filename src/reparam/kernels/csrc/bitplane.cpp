@@ -493,7 +493,7 @@ void decode_rows(int isa, const Layer& w, int64_t o0, int64_t n, int64_t base, i
   // bf16 tiles are only asked for on CPUs with AVX512-BF16 (cpu_has_bf16), so AVX-512 implies it there.
   if (isa == kIsaAvx512 && n % 16 == 0) return decode_rows_avx512(w, o0, n, base, b0, b1, tile, ld);
   if constexpr (std::is_same_v<tile_t, float>)
-    if (isa == kIsaAvx2 && n % 8 == 0) return decode_rows_avx2(w, o0, n, base, b0, b1, tile, ld);
+    if (isa >= kIsaAvx2 && n % 8 == 0) return decode_rows_avx2(w, o0, n, base, b0, b1, tile, ld);  // AVX-512 tails too
 #endif
   decode_rows_scalar(w, o0, n, base, b0, b1, tile, ld);
 }
