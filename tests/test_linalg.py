@@ -10,8 +10,12 @@ def test_a_singular_system_is_solved_with_the_ridge_and_left_as_it_was():
     before = normal.clone()
     x = ridged_solve(normal, target)
     assert torch.equal(normal, before)
-    ridge = RIDGE * normal.diagonal().mean()
-    torch.testing.assert_close((normal + ridge * torch.eye(5, dtype=torch.float64)) @ x, target, rtol=1e-6, atol=1e-9)
+    ridged = normal + RIDGE * normal.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    # The ridged system is solvable but ill-conditioned (cond ~3e9 here): a backward-stable solve leaves a residual
+    # of order eps·‖A‖·‖x‖, and where in that range it lands depends on the LAPACK build's code path for the CPU
+    # (rtol 1e-6 passed on a Xeon and failed by 3% on a Zen 5).
+    bound = 10 * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(ridged, 2) * x.abs().max()
+    assert ((ridged @ x - target).abs() <= bound).all()
 
 
 def test_batched_systems_get_each_their_own_ridge():
