@@ -23,7 +23,9 @@ keeps the script free of slow fits. Cases and the issue's targets:
 - the LUT / decode-and-GEMM crossover: both compiled paths at 1–128 tokens, and the
   crossover ``bitplane_linear`` measured on this machine for 2, 3 and 4 planes.
 
-Results: benchmarks/results/kernels.{json,md}.
+Results: benchmarks/results/kernels.{json,md}; with ``--isa avx2`` (or ``scalar``) the
+kernels are capped to that instruction set, as on a CPU without the wider ones, and the
+results go to kernels_avx2.{json,md}.
 """
 from __future__ import annotations
 
@@ -149,6 +151,7 @@ def crossover(in_features: int, out_features: int, tokens: tuple[int, ...], roun
 
 
 CROSSOVER_TOKENS = (1, 4, 8, 16, 32, 64, 128)
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}  # the levels of reparam_cpu::set_isa_limit
 
 
 def describe_limit(tokens: int) -> str:
@@ -176,9 +179,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and rounds (a smoke run)")
+    parser.add_argument("--isa", choices=sorted(ISAS), help="cap the kernels' instruction set (as a CPU without the "
+                        "wider ones would run); results go to kernels_<isa>.{json,md}")
     args = parser.parse_args()
     if compiled_ops() is None:
         raise SystemExit("the compiled kernels are unavailable: this benchmark measures them")
+    if args.isa:
+        if ISAS[args.isa] > compiled_ops().cpu_isa():
+            raise SystemExit(f"this CPU has no {args.isa}")
+        compiled_ops().set_isa_limit(ISAS[args.isa])
     rounds = 5 if args.quick else 15
     torch.manual_seed(0)
     layers = cases(args.quick)
@@ -212,8 +221,9 @@ def main() -> None:
              + "\n\n## The crossover bitplane_linear measured on this machine (most tokens the LUT takes)\n\n"
              + markdown(measured_rows))
     command = "python benchmarks/bench_kernels.py " + " ".join(
-        ["--threads", *map(str, args.threads)] + (["--quick"] if args.quick else []))
-    print(write_results("kernels", rows, command, notes))
+        ["--threads", *map(str, args.threads)] + (["--quick"] if args.quick else [])
+        + (["--isa", args.isa] if args.isa else []))
+    print(write_results(f"kernels_{args.isa}" if args.isa else "kernels", rows, command, notes))
 
 
 def markdown(rows: list[dict]) -> str:

@@ -9,7 +9,7 @@ from reparam.methods.low_rank import LowRankConfig, LowRankLinear
 pytestmark = pytest.mark.skipif(compiled_entry() is None, reason="the compiled kernels could not be built")
 
 
-@pytest.fixture(params=[0, 2], ids=["scalar", "avx512"])
+@pytest.fixture(params=[0, 1, 2], ids=["scalar", "avx2", "avx512"])
 def isa(request):
     ops = compiled_ops()
     if request.param > ops.cpu_isa():
@@ -78,3 +78,16 @@ def test_gradients_flow_when_autograd_records():
     reference.square().sum().backward()
     for got, want in zip(grads, [x2.grad, *(p.grad for p in layer.parameters())]):
         torch.testing.assert_close(got, want)
+
+
+def test_without_avx2_the_library_runs():
+    # A portable loop lost to two library GEMVs, so a CPU (or a cap) without AVX2 gets exactly two F.linear.
+    ops = compiled_ops()
+    previous = ops.set_isa_limit(0)
+    try:
+        x, first, second, b = torch.randn(3, 70), torch.randn(9, 70), torch.randn(33, 9), torch.randn(33)
+        with torch.no_grad():
+            y = compiled_entry().factor_chain_linear(x, first, second, b, 8)
+        assert torch.equal(y, factor_chain_reference(x, first, second, b))
+    finally:
+        ops.set_isa_limit(previous)
