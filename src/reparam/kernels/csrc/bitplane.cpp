@@ -149,6 +149,7 @@ void build_tables(int isa, const scalar_t* x, int64_t tokens, int64_t in, int64_
 struct Lut {
   Layer layer;
   const float* tables;
+  const float* xsum;  // (tokens, groups): each group's input sum, the offsets' share
   int64_t quads;
 };
 
@@ -349,30 +350,28 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
     const scalar_t* rows = x2.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
     // Output blocks [first, last) of `count` tokens from t0, whose tables are built.
-    const auto lookups = [&](const Lut& lut, const float* xsum, int64_t t0, int64_t count, int64_t first,
-                             int64_t last) {
+    const auto lookups = [&](const Lut& lut, int64_t t0, int64_t count, int64_t first, int64_t last) {
       const int64_t o0 = first * block, o1 = std::min(last * block, w.out);
       float* acc = scratch(acc_buffer, count * (o1 - o0));
       std::fill(acc, acc + count * (o1 - o0), 0.f);
       lut_range(isa, lut, block, o0, o1, count, acc);
-      finish_block<scalar_t>(w, acc, o1 - o0, xsum, bias_ptr, o0, o1 - o0, count, out + t0 * w.out);
+      finish_block<scalar_t>(w, acc, o1 - o0, lut.xsum, bias_ptr, o0, o1 - o0, count, out + t0 * w.out);
     };
     // The tables of `count` tokens from t0, in the calling thread's scratch.
-    const auto tables_of = [&](int64_t t0, int64_t count, float*& xsum) {
+    const auto tables_of = [&](int64_t t0, int64_t count) {
       float* tables = scratch(tables_buffer, count * quads * 16);
-      xsum = scratch(xsum_buffer, count * w.groups);
+      float* xsum = scratch(xsum_buffer, count * w.groups);
       build_tables<scalar_t>(isa, rows + t0 * in, count, in, quads, group_size, tables, xsum);
-      return Lut{w, tables, quads};
+      return Lut{w, tables, xsum, quads};
     };
     if (tokens <= kTokensPerChunk) {
-      float* xsum;
-      const Lut lut = tables_of(0, tokens, xsum);
+      const Lut lut = tables_of(0, tokens);
       // Threads split the outputs only where each gets ~2^20 weight-plane lookups (~15 µs): on smaller layers
       // waking and joining a second thread costs more than it saves, and on a loaded machine the join waits for a
       // descheduled thread. (At 2^22, SmolLM2's and MiniLM's MLP layers, 25-40 µs of lookups, ran on one thread
       // while dense used two.)
       const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / (block * w.nbytes * 8 * w.bits * tokens));
-      const auto run = [&](int64_t first, int64_t last) { lookups(lut, xsum, 0, tokens, first, last); };
+      const auto run = [&](int64_t first, int64_t last) { lookups(lut, 0, tokens, first, last); };
       if (blocks <= grain) run(0, blocks);  // one thread's work: no parallel region at all
       else at::parallel_for(0, blocks, grain, run);
       return;
@@ -383,9 +382,7 @@ at::Tensor bitplane_lut(const at::Tensor& x, const at::Tensor& planes, const at:
     at::parallel_for(0, (tokens + kTokensPerChunk - 1) / kTokensPerChunk, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const int64_t t0 = c * kTokensPerChunk, count = std::min(kTokensPerChunk, tokens - t0);
-        float* xsum;
-        const Lut lut = tables_of(t0, count, xsum);
-        lookups(lut, xsum, t0, count, 0, blocks);
+        lookups(tables_of(t0, count), t0, count, 0, blocks);
       }
     });
   });
